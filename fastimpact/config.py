@@ -1,0 +1,190 @@
+"""Registration configuration: one frozen dataclass, validated on construction.
+
+A per-level field takes a scalar (applies to every level) or a list with one value per level
+(a one-element list also applies to every level; any other length is an error). Files are TOML
+or JSON with the same field names; unknown keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+METRIC_NAMES = ("mse", "ncc", "mi")
+INIT_NAMES = ("moments", "geometry", "none")
+INTERPOLATIONS = ("cubic", "linear", "nearest")
+DEVICES = ("cpu", "cuda", "auto")
+PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """All settings of one registration (units: mm, voxels, counts).
+
+    metric: similarity to minimise (mse | ncc | mi).
+    levels: pyramid levels; level l has shrink factor 2**(levels-1-l) of the finest spacing.
+    iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage.
+    grid_spacing: B-spline control-point spacing at the finest level, mm; doubled per coarser level.
+    affine: run an optimised affine stage before the B-spline stage.
+    affine_iterations: ASGD iterations per level of the affine stage.
+    init: initial affine: moments (centres of mass), geometry (image centres) or none.
+    bins: histogram bins of Mattes mutual information.
+    bending_weight: weight of the bending-energy penalty added to the metric (0 = off).
+    max_step: ASGD maximum step length in mm (default: the level's mean voxel spacing).
+    interpolation: interpolation of the warped output image.
+    seed: random seed; identical seeds give identical results on one machine.
+    threads: CPU threads for the kernels (default: all cores).
+    device: cpu | cuda | auto.
+    """
+
+    metric: str = "mse"
+    levels: int = 3
+    iterations: Any = 500
+    samples: Any = 2000
+    grid_spacing: float = 8.0
+    affine: bool = True
+    affine_iterations: Any = 250
+    init: str = "moments"
+    bins: int = 32
+    bending_weight: Any = 0.0
+    max_step: float | None = None
+    interpolation: str = "cubic"
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        for name in PER_LEVEL:  # lists and tuples compare equal after a file round trip
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        _choice("metric", self.metric, METRIC_NAMES)
+        _choice("init", self.init, INIT_NAMES)
+        _choice("interpolation", self.interpolation, INTERPOLATIONS)
+        _choice("device", self.device, DEVICES)
+        _int("levels", self.levels, 1, 8)
+        _int("bins", self.bins, 4, 1024)
+        _int("seed", self.seed, 0, 2**63 - 1)
+        if self.threads is not None:
+            _int("threads", self.threads, 1, 4096)
+        _number("grid_spacing", self.grid_spacing, positive=True)
+        if self.max_step is not None:
+            _number("max_step", self.max_step, positive=True)
+        if not isinstance(self.affine, bool):
+            raise ConfigError(f"affine={self.affine!r} is invalid: use true or false")
+        for name in PER_LEVEL:
+            values = self.per_level(name)
+            for v in values:
+                if name == "bending_weight":
+                    _number(name, v, positive=False)
+                    if v < 0:
+                        raise ConfigError(f"bending_weight={v!r} is invalid: use a weight >= 0")
+                elif name == "samples":
+                    _int(name, v, 16, 10_000_000)
+                else:
+                    _int(name, v, 1 if name == "iterations" else 0, 1_000_000)
+
+    def per_level(self, name: str) -> tuple:
+        """The value of field ``name`` for each level, coarse to fine."""
+        value = getattr(self, name)
+        if isinstance(value, (list, tuple)):
+            if len(value) == 1:
+                return tuple(value) * self.levels
+            if len(value) != self.levels:
+                raise ConfigError(
+                    f"{name} has {len(value)} values for {self.levels} levels: give one value "
+                    f"(applies to every level) or exactly {self.levels}"
+                )
+            return tuple(value)
+        return (value,) * self.levels
+
+    def grid_spacings(self) -> tuple:
+        return tuple(self.grid_spacing * 2 ** (self.levels - 1 - i) for i in range(self.levels))
+
+    def with_options(self, **options) -> "RegistrationConfig":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(names))}"
+            )
+        return replace(self, **{k: v for k, v in options.items()})
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "configuration") -> "RegistrationConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must be a table of settings, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings are "
+                f"{', '.join(sorted(names))}"
+            )
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+
+    # --- files -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path) -> "RegistrationConfig":
+        return cls.from_dict(read_config_file(path), source=f"config file '{path}'")
+
+    def save(self, path) -> None:
+        path = Path(path)
+        data = {k: v for k, v in self.to_dict().items() if v is not None}
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            path.write_text(_to_toml(data))
+
+
+def read_config_file(path) -> dict:
+    """Read a TOML or JSON settings file into a dict (clear errors for bad files)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: check the path given to --config")
+    text = path.read_text(errors="replace")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {msg}") from None
+
+
+def _to_toml(data: dict) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    return "".join(f"{k} = {fmt(v)}\n" for k, v in data.items())
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is invalid: choose one of {', '.join(allowed)}")
+
+
+def _int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name}={value!r} is invalid: use an integer from {lo} to {hi}")
+
+
+def _number(name, value, positive):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and value <= 0):
+        what = "a positive number" if positive else "a finite number"
+        raise ConfigError(f"{name}={value!r} is invalid: use {what}")

@@ -1,0 +1,589 @@
+"""Reading and writing images, displacement fields and output folders.
+
+World convention: fastimpact works in nibabel's RAS+ millimetres everywhere. This module is the
+one place that converts to ITK's LPS convention (:func:`ras_to_lps`, :func:`lps_to_ras`,
+:func:`ras_matrix_to_lps`), for displacement fields that ITK, ANTs, SimpleITK and 3D Slicer read.
+
+nibabel is imported inside the functions, so ``import fastimpact.io`` stays cheap.
+
+Errors: :class:`~fastimpact.errors.ImageIOError` (an ``OSError``) for files that cannot be read or
+written, :class:`~fastimpact.errors.ImageError` (a ``ValueError``) for content that cannot be
+registered. Every message is one line and names the role ("fixed image", ...) and the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageError, ImageIOError
+from .image import Image, to_numpy, check_affine, check_finite, describe
+
+__all__ = [
+    "load_image",
+    "save_image",
+    "save_displacement_itk",
+    "load_displacement_itk",
+    "ras_to_lps",
+    "lps_to_ras",
+    "ras_matrix_to_lps",
+    "output_dir",
+    "atomic_write_path",
+    "NIFTI_EXTENSIONS",
+    "XFORM_CODE",
+]
+
+#: File name endings read and written (case-insensitive).
+NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+
+#: sform/qform code written by :func:`save_image` and :func:`save_displacement_itk`:
+#: 1 = NIFTI_XFORM_SCANNER_ANAT. The same affine goes into both sform and qform, so readers that
+#: prefer either one see the same grid (the qform cannot hold shear: a sheared affine is exact in
+#: the sform only). Code 1 is the one every reader treats as a valid world transform.
+XFORM_CODE = 1
+
+_NIFTI_INTENT_VECTOR = 1007
+_NIFTI_INTENT_DISPVECT = 1006
+_LPS_FLIP = np.array([-1.0, -1.0, 1.0])
+
+
+# -- world convention ----------------------------------------------------------------------------
+
+def ras_to_lps(points) -> np.ndarray:
+    """RAS+ mm points or vectors (..., 3) -> ITK's LPS mm: ``(-x, -y, z)``.
+
+    The flip is its own inverse and applies alike to points and displacement vectors.
+    """
+    return np.asarray(points, dtype=np.float64) * _LPS_FLIP
+
+
+def lps_to_ras(points) -> np.ndarray:
+    """ITK's LPS mm points or vectors (..., 3) -> RAS+ mm: ``(-x, -y, z)``."""
+    return np.asarray(points, dtype=np.float64) * _LPS_FLIP
+
+
+def ras_matrix_to_lps(matrix) -> np.ndarray:
+    """A 4x4 world->world (or voxel->world) matrix in RAS -> the same map in LPS.
+
+    For a world->world transform ``T`` (RAS -> RAS) the LPS version is ``F @ T @ F`` with
+    ``F = diag(-1, -1, 1, 1)``. For a voxel->world affine use ``F @ A`` instead (voxel indices
+    have no world convention); this function handles the world->world case only.
+    """
+    f = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return f @ np.asarray(matrix, dtype=np.float64) @ f
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not text:
+        text = type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_extension(p: Path, who: str) -> None:
+    if not p.name.lower().endswith(NIFTI_EXTENSIONS):
+        suffix = "".join(p.suffixes) or "(none)"
+        raise ImageIOError(
+            f"{who} has an unsupported extension {suffix}; fastimpact reads and writes NIfTI "
+            "(.nii, .nii.gz): convert it first (e.g. with SimpleITK or 3D Slicer)"
+        )
+
+
+def _check_readable_file(p: Path, who: str) -> None:
+    if not p.exists():
+        raise ImageIOError(f"{who} does not exist; check the path")
+    if p.is_dir():
+        raise ImageIOError(f"{who} is a folder, not a file; give the path of a .nii or .nii.gz file")
+    _check_extension(p, who)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ImageIOError(f"{who} cannot be read ({_one_line(e)})") from None
+    if size == 0:
+        raise ImageIOError(f"{who} is empty (0 bytes); the file is incomplete: copy or export it again")
+    if not os.access(p, os.R_OK):
+        raise ImageIOError(f"{who} is not readable (permission denied); fix its permissions")
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs (and then silently 'fixes') bad pixdims; we report them ourselves."""
+    log = logging.getLogger("nibabel.global")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _nib_load(p: Path, who: str):
+    import nibabel as nib
+
+    with _quiet_nibabel():
+        try:
+            img = nib.load(str(p), mmap=False)
+        except MemoryError:
+            raise
+        except Exception as e:  # nibabel raises many types (ImageFileError, OSError, EOFError, ...)
+            raise ImageIOError(
+                f"{who} cannot be read as NIfTI ({_one_line(e)}); check that it is a valid "
+                ".nii/.nii.gz file"
+            ) from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageIOError(
+            f"{who} is a {type(img).__name__}, not NIfTI; convert it to .nii/.nii.gz first"
+        )
+    return img
+
+
+def _raw_pixdim(p: Path, img) -> np.ndarray:
+    """pixdim[1:4] as stored in the file (nibabel's loaded header has them 'fixed' already)."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(p), "rb") as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # unreadable here means readable above: fall back to the loaded header
+        return np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+
+
+def _checked_affine(p: Path, img, who_role: str, name: str) -> np.ndarray:
+    """nibabel's affine (sform if its code > 0, else qform, else pixdim only), validated.
+
+    When loading, nibabel replaces zero pixdims by 1 and negative ones by their absolute value;
+    when the affine is built from the pixdims (no sform) such a header is broken, so we refuse it.
+    """
+    hdr = img.header
+    who = describe(who_role, name)
+    sform_code = int(hdr["sform_code"])
+    if sform_code == 0:
+        pix = _raw_pixdim(p, img)
+        if not np.all(np.isfinite(pix)) or np.any(pix <= 0):
+            raise ImageError(
+                f"{who} has invalid voxel spacing (pixdim) {tuple(pix.tolist())} mm: spacing must "
+                "be finite and > 0; fix the header (e.g. nibabel header.set_zooms)"
+            )
+    with _quiet_nibabel():
+        affine = img.affine
+    if affine is None:
+        raise ImageError(f"{who} has no affine; fix the header")
+    return check_affine(affine, who_role, name)
+
+
+def _squeeze_to_3d(shape: tuple, who: str) -> tuple:
+    shape = tuple(int(n) for n in shape)
+    if len(shape) > 3 and all(n == 1 for n in shape[3:]):
+        return shape[:3]
+    if len(shape) == 3:
+        return shape
+    raise ImageError(
+        f"{who} is {len(shape)}-D {shape}; fastimpact registers 3-D images: "
+        + ("extract one volume first" if len(shape) > 3 else "give a 3-D volume")
+    )
+
+
+def _has_scaling(img) -> bool:
+    """True when the stored values are scaled (scl_slope/scl_inter) on reading.
+
+    nibabel moves the scale factors from the header into ``img.dataobj`` when it loads a file.
+    """
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    return bool(slope != 1.0 or inter != 0.0)
+
+
+# -- images ------------------------------------------------------------------------------------
+
+def load_image(path, *, role: str = "image", dtype=None, allow_nonfinite: bool = False) -> Image:
+    """Read a 3-D NIfTI image (.nii or .nii.gz).
+
+    Parameters
+    ----------
+    path : str or PathLike.
+    role : how messages name the image, e.g. ``"fixed image"``, ``"moving mask"``.
+    dtype : None keeps the stored type: integer images (labels, masks) stay integer, float stays
+        float; data with a scale factor (scl_slope/scl_inter) become float32 (scaled by nibabel).
+        A float dtype reads through ``get_fdata`` (scaled); an integer dtype rounds, and values
+        out of that type's range are an error.
+    allow_nonfinite : False (default) rejects float images containing NaN/Inf.
+
+    Returns
+    -------
+    Image with ``data`` (X, Y, Z) indexed as nibabel gives it and ``affine`` = nibabel's
+    ``img.affine`` (sform when its code > 0, else qform), voxel -> RAS+ mm, kept in full
+    (oblique, flipped and permuted axes included). A 4-D file with a single volume
+    (X, Y, Z, 1) is squeezed to 3-D.
+
+    Raises
+    ------
+    ImageIOError : missing file, folder, empty, truncated or corrupt file, not NIfTI,
+        unsupported extension.
+    ImageError : not 3-D, singular / non-finite affine, bad spacing, NaN/Inf voxels,
+        unsupported data type.
+    """
+    p = Path(path)
+    name = str(path)
+    who = describe(role, name)
+    _check_readable_file(p, who)
+    img = _nib_load(p, who)
+    shape3 = _squeeze_to_3d(img.shape, who)
+    affine = _checked_affine(p, img, role, name)
+
+    hdr = img.header
+    disk = np.dtype(hdr.get_data_dtype())
+    if disk.kind not in "biuf" or disk.fields is not None:
+        raise ImageError(
+            f"{who} stores data of type {disk} (complex or RGB); fastimpact registers scalar "
+            "images: convert it to a grey-level image first"
+        )
+    target = None if dtype is None else np.dtype(dtype)
+    if target is not None and target.kind not in "biuf":
+        raise ImageError(f"dtype {target} is not supported; use a float or integer type")
+
+    try:
+        if target is not None and target.kind == "f":
+            data = img.get_fdata(dtype=target)
+        elif target is None and _has_scaling(img):
+            data = img.get_fdata(dtype=np.float32)
+        else:
+            data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageIOError(
+            f"{who} is truncated or corrupt: reading its voxels failed ({_one_line(e)}); copy "
+            "or export the file again"
+        ) from None
+    data = np.asarray(data).reshape(shape3)
+
+    if target is not None and target.kind in "biu" and data.dtype != target:
+        data = _to_integer(data, target, who)
+
+    image = Image(data, affine, name)
+    if not allow_nonfinite:
+        check_finite(image, role)
+    return image
+
+
+def _to_integer(data: np.ndarray, target: np.dtype, who: str) -> np.ndarray:
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise ImageError(f"{who} contains NaN/Inf voxels, which cannot become {target}")
+        data = np.rint(data)
+    info = np.iinfo(target) if target.kind in "iu" else None
+    if info is not None and data.size:
+        lo, hi = data.min(), data.max()
+        if lo < info.min or hi > info.max:
+            raise ImageError(
+                f"{who} has values in [{lo}, {hi}], outside the range of {target} "
+                f"[{info.min}, {info.max}]; choose a wider dtype"
+            )
+    return data.astype(target)
+
+
+def _nifti_dtype(dtype: np.dtype) -> np.dtype:
+    """The NIfTI type used for an in-memory dtype (NIfTI has no bool/float16)."""
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        return np.dtype(np.float64)
+    if dtype.kind in "iuf":
+        return dtype
+    raise ImageError(f"cannot write data of type {dtype}; use a float or integer type")
+
+
+def _set_geometry(nimg, affine: np.ndarray) -> None:
+    nimg.set_sform(affine, code=XFORM_CODE)
+    nimg.set_qform(affine, code=XFORM_CODE)
+    nimg.header.set_xyzt_units(xyz="mm")
+
+
+def _write(nimg, p: Path, who: str) -> None:
+    try:
+        nimg.to_filename(str(p))
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageIOError(f"{who} cannot be written ({_one_line(e)}); choose another path") from None
+
+
+def save_image(img: Image, path, dtype=None) -> None:
+    """Write ``img`` as NIfTI (.nii or .nii.gz, chosen by the file name).
+
+    The affine goes into both the sform and the qform with code :data:`XFORM_CODE` (1, scanner
+    anatomical). ``dtype`` None keeps the data type (integer label images stay integer, bool
+    becomes uint8, float16 becomes float32). An integer ``dtype`` rounds float data itself (so no
+    scale factor is stored) and refuses values out of range. Data are written without scaling
+    (scl_slope unset). The file is written in place: wrap the call in :func:`atomic_write_path`
+    or :func:`output_dir` for all-or-nothing outputs.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    who = describe("output", str(path))
+    _check_extension(p, who)
+    data = to_numpy(img.data)
+    if dtype is None:
+        out = _nifti_dtype(data.dtype)
+        if out != data.dtype:
+            data = data.astype(out)
+    else:
+        out = _nifti_dtype(np.dtype(dtype))
+        if data.dtype != out:
+            data = _to_integer(data, out, who) if out.kind in "iu" else data.astype(out)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(out)
+    nimg = nib.Nifti1Image(data, img.affine, header=header)
+    _set_geometry(nimg, img.affine)
+    # Values are stored exactly as given: no slope/intercept.
+    nimg.header.set_slope_inter(np.nan, np.nan)
+    _write(nimg, p, who)
+
+
+# -- displacement fields (ITK convention) --------------------------------------------------------
+
+def save_displacement_itk(field, reference: Image, path) -> None:
+    """Write a dense displacement field as an ITK/ANTs displacement-field transform.
+
+    Parameters
+    ----------
+    field : (X, Y, Z, 3) displacement in RAS+ mm on the grid of ``reference``. Convention: the
+        fixed-image world point ``x`` corresponds to the moving-image point ``x + u(x)``.
+    reference : Image whose shape and affine define the grid (normally the fixed image).
+    path : .nii or .nii.gz.
+
+    The file is NIfTI with shape (X, Y, Z, 1, 3), intent code 1007 ('vector'), float32, the
+    reference affine as sform and qform, and vector components in LPS ``(-ux, -uy, uz)``, which is
+    how ITK, SimpleITK (``sitk.DisplacementFieldTransform``), ANTs (``antsApplyTransforms``) and
+    3D Slicer read a displacement field: ITK's ``TransformPoint(p_lps)`` returns ``p_lps + u_lps``,
+    the moving point in LPS.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    who = describe("displacement field", str(path))
+    _check_extension(p, who)
+    u = to_numpy(field)
+    if u.shape != reference.shape + (3,):
+        raise ImageError(
+            f"displacement field has shape {u.shape}; it must be the reference grid plus 3 "
+            f"components {reference.shape + (3,)}"
+        )
+    if u.dtype.kind != "f":
+        u = u.astype(np.float64)
+    if not np.all(np.isfinite(u)):
+        raise ImageError(f"{who}: the field contains NaN/Inf; nothing was written")
+    lps = (u * _LPS_FLIP.astype(u.dtype)).astype(np.float32)[:, :, :, None, :]
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    nimg = nib.Nifti1Image(lps, reference.affine, header=header)
+    _set_geometry(nimg, reference.affine)
+    nimg.header.set_intent("vector", (), name="")
+    nimg.header.set_slope_inter(np.nan, np.nan)
+    _write(nimg, p, who)
+
+
+def load_displacement_itk(path) -> tuple[np.ndarray, Image]:
+    """Read an ITK-style displacement field written by :func:`save_displacement_itk`, ANTs or ITK.
+
+    Returns
+    -------
+    field : (X, Y, Z, 3) float64, displacement in RAS+ mm (fixed point ``x`` -> moving point
+        ``x + u(x)``).
+    reference : Image with the field's grid (shape and affine). Its ``data`` is a read-only
+        zero placeholder of shape (X, Y, Z), dtype uint8, that takes no memory.
+
+    The file must be 5-D (X, Y, Z, 1, 3) with intent 'vector' (1007) or 'dispvect' (1006) and
+    components in LPS, the convention of ITK and ANTs.
+    """
+    p = Path(path)
+    name = str(path)
+    who = describe("displacement field", name)
+    _check_readable_file(p, who)
+    img = _nib_load(p, who)
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 5 or shape[3] != 1 or shape[4] != 3:
+        raise ImageError(
+            f"{who} has shape {shape}; an ITK displacement field has shape (X, Y, Z, 1, 3): "
+            "write it with fastimpact, ANTs or ITK"
+        )
+    intent = int(img.header["intent_code"])
+    if intent not in (_NIFTI_INTENT_VECTOR, _NIFTI_INTENT_DISPVECT):
+        raise ImageError(
+            f"{who} has NIfTI intent code {intent}; an ITK displacement field has intent 1007 "
+            "('vector'): write it with fastimpact, ANTs or ITK"
+        )
+    affine = _checked_affine(p, img, "displacement field", name)
+    try:
+        lps = img.get_fdata(dtype=np.float64)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageIOError(
+            f"{who} is truncated or corrupt: reading its voxels failed ({_one_line(e)})"
+        ) from None
+    field = lps.reshape(shape[:3] + (3,)) * _LPS_FLIP
+    if not np.all(np.isfinite(field)):
+        raise ImageError(f"{who} contains NaN/Inf displacements; the field is unusable")
+    placeholder = np.broadcast_to(np.zeros((), dtype=np.uint8), shape[:3])
+    return field, Image(placeholder, affine, name)
+
+
+# -- atomic outputs ------------------------------------------------------------------------------
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created (deepest last), for clean-up on failure."""
+    missing = []
+    d = folder
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    created = []
+    for d in reversed(missing):
+        d.mkdir()
+        created.append(d)
+    return created
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in reversed(dirs):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def output_dir(path, *, force: bool, names=()):
+    """All-or-nothing output folder.
+
+    Checks that the folder ``path`` can be created and written and that none of ``names`` exists
+    there (unless ``force``), then yields a temporary folder ``path/.fastimpact-tmp-XXXX`` to write
+    into. When the block succeeds every entry of the temporary folder is moved into ``path`` with
+    ``os.replace`` (atomic per file); when it raises, the temporary folder (and any folder this
+    call created) is removed, so no partial output remains, and the exception propagates.
+
+    Raises ImageIOError when the folder is not writable or an output exists without ``force``.
+    """
+    target = Path(path)
+    who = f"output folder '{path}'"
+    if target.exists() and not target.is_dir():
+        raise ImageIOError(f"{who} exists and is a file; choose another -o")
+    if not force:
+        for n in names:
+            if (target / n).exists():
+                raise ImageIOError(
+                    f"output '{target / n}' exists; pass --force to overwrite or choose another -o"
+                )
+    try:
+        created = _make_dirs(target)
+    except OSError as e:
+        raise ImageIOError(f"{who} is not writable ({_one_line(e)}); choose another -o") from None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".fastimpact-tmp-", dir=target))
+    except OSError as e:
+        _remove_empty(created)
+        raise ImageIOError(f"{who} is not writable ({_one_line(e)}); choose another -o") from None
+
+    try:
+        yield tmp
+        entries = sorted(tmp.iterdir())
+        for src in entries:
+            dst = target / src.name
+            if dst.exists() and not force:
+                raise ImageIOError(
+                    f"output '{dst}' exists; pass --force to overwrite or choose another -o"
+                )
+        for src in entries:
+            dst = target / src.name
+            if src.is_dir() and dst.is_dir():
+                shutil.rmtree(dst)
+            try:
+                os.replace(src, dst)
+            except OSError as e:
+                raise ImageIOError(f"output '{dst}' cannot be written ({_one_line(e)})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_write_path(path, force: bool):
+    """All-or-nothing single output file (e.g. ``fastimpact apply -o out.nii.gz``).
+
+    Refuses an existing ``path`` unless ``force``; creates missing parent folders; yields a
+    temporary path in the same folder with the same ending (so nibabel picks the same format) and,
+    when the block succeeds, moves it onto ``path`` with ``os.replace``. On an exception the
+    temporary file (and folders this call created) is removed.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ImageIOError(f"output '{path}' is a folder; give a file name such as out.nii.gz")
+    if p.exists() and not force:
+        raise ImageIOError(f"output '{path}' exists; pass --force to overwrite or choose another -o")
+    try:
+        created = _make_dirs(p.parent)
+    except OSError as e:
+        raise ImageIOError(
+            f"output folder '{p.parent}' is not writable ({_one_line(e)}); choose another -o"
+        ) from None
+    ending = ".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix
+    try:
+        fd, tmpname = tempfile.mkstemp(prefix=".fastimpact-tmp-", suffix=ending, dir=p.parent)
+        os.close(fd)
+    except OSError as e:
+        _remove_empty(created)
+        raise ImageIOError(
+            f"output folder '{p.parent}' is not writable ({_one_line(e)}); choose another -o"
+        ) from None
+    tmp = Path(tmpname)
+    try:
+        yield tmp
+        if p.exists() and not force:
+            raise ImageIOError(f"output '{path}' exists; pass --force to overwrite or choose another -o")
+        try:
+            os.replace(tmp, p)
+        except OSError as e:
+            raise ImageIOError(f"output '{path}' cannot be written ({_one_line(e)})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _remove_empty(created)
+        raise
+
+
+def check_output_dir(path, *, force: bool, names=()) -> None:
+    """Fail early (before a long registration) when ``output_dir`` would refuse ``path``.
+
+    Creates nothing: checks that ``path`` is not a file, that none of ``names`` exists there
+    unless ``force``, and that the nearest existing folder on the way is writable.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ImageIOError(f"output folder '{path}' exists and is a file; choose another -o")
+    if not force:
+        for n in names:
+            if (target / n).exists():
+                raise ImageIOError(f"output '{target / n}' exists; pass --force to overwrite or choose another -o")
+    d = target
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir() or not os.access(d, os.W_OK | os.X_OK):
+        raise ImageIOError(f"output folder '{path}' is not writable ('{d}' cannot be written); choose another -o")

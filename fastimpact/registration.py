@@ -1,0 +1,655 @@
+"""The multi-resolution registration driver.
+
+image (array + affine) -> pyramid -> sampler -> transform -> interpolator -> metric -> optimiser,
+per resolution level, first for the affine stage (optional), then for the B-spline stage.
+
+Geometry: every point is in world RAS mm. For a fixed voxel index ``i`` of a level, the world
+point is ``x = F i``; the moving point is ``y = A(x) + u(x)``; its continuous moving voxel index
+is ``q = M^-1 y``. The moving image is a cubic B-spline (prefiltered coefficients), sampled with
+its gradient ``dm/dq``; ``dm/dy = M_lin^-T dm/dq``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .config import RegistrationConfig
+from .errors import ConfigError, ImageError, RegistrationError
+from .image import Image
+from .transforms import AffineTransform, BendingEnergy, BSplineGrid, CompositeTransform, refine_coefficients
+
+# A sample set with fewer valid points than this fraction of those drawn is an error.
+MIN_VALID_FRACTION = 0.125
+MIN_VALID_POINTS = 16
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+def as_image(obj, role: str, *, mask: bool = False) -> Image:
+    """Accept a path, an Image or an (array, affine) pair."""
+    from .io import load_image
+
+    if obj is None:
+        return None
+    if isinstance(obj, Image):
+        img = obj
+    elif isinstance(obj, (str, Path)):
+        img = load_image(obj, role=role)
+    elif isinstance(obj, tuple) and len(obj) == 2:
+        img = Image(np.asarray(obj[0]), np.asarray(obj[1], dtype=np.float64))
+    else:
+        raise ConfigError(
+            f"{role} must be a file path, a fastimpact.Image or an (array, affine) pair, got {type(obj).__name__}"
+        )
+    if img.data.ndim != 3:
+        raise ImageError(f"{role} has shape {img.data.shape}: fastimpact registers 3-D images")
+    if min(img.shape) < 1:
+        raise ImageError(f"{role} is empty (shape {img.shape})")
+    spacing = img.spacing
+    if not np.all(np.isfinite(img.affine)) or np.any(spacing <= 0) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise ImageError(f"{role} has an invalid voxel spacing {np.round(spacing, 6).tolist()}: fix the image header (affine)")
+    if mask:
+        return img
+    data = img.data
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise ImageError(f"{role} contains {bad} NaN/Inf voxels: replace them (e.g. with 0) before registering")
+    return img
+
+
+def _check_mask(mask: Image | None, image: Image, role: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-4):
+        raise ImageError(
+            f"{role} mask is not on the {role} image grid (shape {mask.shape} vs {image.shape} or a different "
+            "affine): resample the mask onto the image first"
+        )
+    m = np.asarray(mask.data) > 0
+    if not m.any():
+        raise ImageError(f"{role} mask is empty (no voxel > 0): give a mask that covers the region to register")
+    return m
+
+
+def _check_not_constant(data: np.ndarray, mask: np.ndarray | None, role: str):
+    vals = data[mask] if mask is not None else data
+    if vals.size == 0 or float(vals.max()) == float(vals.min()):
+        raise ImageError(
+            f"{role} image is constant (every voxel{' in the mask' if mask is not None else ''} is "
+            f"{float(vals.flat[0]) if vals.size else 'n/a'}): nothing to register; check the file"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """Outcome of a registration: the transform and how to apply it.
+
+    ``transform`` maps fixed world points to moving world points (RAS mm).
+    ``displacement`` (lazy): u(x) = T(x) - x on the fixed voxel grid, (X, Y, Z, 3) mm.
+    ``warped`` (lazy): the moving image resampled on the fixed grid.
+    """
+
+    transform: CompositeTransform
+    fixed: Image
+    moving: Image
+    config: RegistrationConfig
+    report: dict
+    backend: str = "cpu"
+    _displacement: np.ndarray | None = field(default=None, repr=False)
+    _warped: Image | None = field(default=None, repr=False)
+
+    @property
+    def displacement(self) -> np.ndarray:
+        if self._displacement is None:
+            t0 = time.perf_counter()
+            self._displacement = self.transform.displacement_field(self.fixed.shape, self.fixed.affine, self.backend)
+            self.report.setdefault("timings_s", {})["dense_field"] = round(time.perf_counter() - t0, 4)
+        return self._displacement
+
+    @property
+    def warped(self) -> Image:
+        if self._warped is None:
+            t0 = time.perf_counter()
+            self._warped = warp_image(
+                self.moving, self.fixed, self.displacement, self.config.interpolation, self.backend,
+                coef=self.report.pop("_moving_coef", None),
+            )
+            self.report.setdefault("timings_s", {})["warp"] = round(time.perf_counter() - t0, 4)
+        return self._warped
+
+    def save(self, outdir, *, force: bool = False, fixed_name: str | None = None, moving_name: str | None = None) -> dict:
+        """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json atomically."""
+        return save_outputs(self, outdir, force=force, fixed_name=fixed_name, moving_name=moving_name)
+
+
+OUTPUT_NAMES = ("warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json")
+
+
+def save_outputs(result: Result, outdir, *, force=False, fixed_name=None, moving_name=None) -> dict:
+    import json
+
+    from .io import output_dir, save_displacement_itk, save_image
+
+    t0 = time.perf_counter()
+    disp = result.displacement
+    warped = result.warped
+    paths = {}
+    with output_dir(outdir, force=force, names=list(OUTPUT_NAMES)) as tmp:
+        tmp = Path(tmp)
+        save_image(warped, tmp / "warped.nii.gz")
+        save_displacement_itk(disp, result.fixed, tmp / "displacement.nii.gz")
+        tdict = transform_document(result, fixed_name, moving_name)
+        (tmp / "transform.json").write_text(json.dumps(tdict) + "\n")
+        result.report.setdefault("timings_s", {})["write"] = round(time.perf_counter() - t0, 4)
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
+    for name in OUTPUT_NAMES:
+        paths[name.split(".")[0]] = str(Path(outdir) / name)
+    return paths
+
+
+def transform_document(result: Result, fixed_name=None, moving_name=None) -> dict:
+    return {
+        "format": "fastimpact-transform",
+        "version": 1,
+        "fastimpact_version": __version__,
+        "convention": "maps fixed world points x (RAS mm) to moving world points T(x) = A(x) + u(x)",
+        "fixed": {"shape": list(result.fixed.shape), "affine": result.fixed.affine.tolist(), "path": fixed_name},
+        "moving": {"path": moving_name},
+        "transform": result.transform.to_dict(),
+        "config": result.config.to_dict(),
+    }
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def warp_image(moving: Image, reference: Image, displacement: np.ndarray, interpolation: str,
+               backend: str = "cpu", coef: np.ndarray | None = None, fill: float = 0.0) -> Image:
+    """Resample ``moving`` at x + u(x) for every voxel x of ``reference``.
+
+    interpolation: cubic (B-spline, prefiltered), linear or nearest (keeps integer label dtypes).
+    """
+    from .kernels import get_kernel
+
+    ref_aff = reference.affine
+    minv = np.linalg.inv(moving.affine)
+    # q = Minv (x + u) with x = R i: affine in i, plus Minv_lin u.
+    comp = minv @ ref_aff
+    shape = reference.shape
+    axes = [np.arange(n, dtype=np.float64) for n in shape]
+    q = np.empty(tuple(shape) + (3,), dtype=np.float64)
+    lin = minv[:3, :3]
+    for c in range(3):
+        q[..., c] = (
+            comp[c, 3]
+            + comp[c, 0] * axes[0][:, None, None]
+            + comp[c, 1] * axes[1][None, :, None]
+            + comp[c, 2] * axes[2][None, None, :]
+            + displacement[..., 0] * lin[c, 0]
+            + displacement[..., 1] * lin[c, 1]
+            + displacement[..., 2] * lin[c, 2]
+        )
+    data = moving.data
+    if interpolation == "nearest":
+        out = get_kernel("nearest_sample", backend)(np.ascontiguousarray(data), q, fill)
+    elif interpolation == "linear":
+        src = np.ascontiguousarray(data, dtype=np.float32 if data.dtype != np.float64 else np.float64)
+        out = get_kernel("linear_sample", backend)(src, q, fill)
+    elif interpolation == "cubic":
+        if coef is None:
+            coef = prefilter(data)
+        out = get_kernel("cubic_sample_values", backend)(coef, q, fill)
+    else:
+        raise ConfigError(f"interpolation={interpolation!r} is invalid: choose cubic, linear or nearest")
+    if interpolation != "nearest" and np.issubdtype(data.dtype, np.integer):
+        out = np.asarray(out, dtype=np.float32)
+    return Image(np.asarray(out), np.array(ref_aff))
+
+
+def prefilter(data: np.ndarray) -> np.ndarray:
+    """Cubic B-spline coefficients (float32, mirror boundary) of a 3-D image."""
+    from scipy import ndimage
+
+    return np.ascontiguousarray(
+        ndimage.spline_filter(np.asarray(data, dtype=np.float32), order=3, mode="mirror", output=np.float32)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# one pyramid level: images, sampler, metric, the cost function
+# --------------------------------------------------------------------------------------------
+class LevelData:
+    """The images of one pyramid level, ready for sampling."""
+
+    def __init__(self, fixed: Image, moving: Image, fixed_mask, moving_mask, moving_coef=None):
+        self.fixed = fixed
+        self.moving = moving
+        self.fixed_values = np.ascontiguousarray(fixed.data, dtype=np.float32).ravel()
+        self.fixed_mask = fixed_mask
+        self.moving_mask = None if moving_mask is None else np.ascontiguousarray(moving_mask, dtype=np.uint8)
+        self.moving_coef = prefilter(moving.data) if moving_coef is None else moving_coef
+        self.moving_inv = np.linalg.inv(moving.affine)
+        self.moving_hi = np.asarray(moving.shape, dtype=np.float64) - 1.0
+
+
+class CostFunction:
+    """Metric value and gradient of the current stage's parameters at random samples."""
+
+    def __init__(self, level: LevelData, metric, sampler, transform: CompositeTransform, stage: str,
+                 backend: str, bending: BendingEnergy | None = None, bending_weight: float = 0.0,
+                 radius: float = 1.0, level_index: int = 0):
+        from .kernels import get_kernel
+
+        self.level = level
+        self.metric = metric
+        self.sampler = sampler
+        self.transform = transform
+        self.stage = stage
+        self.bending = bending
+        self.bending_weight = float(bending_weight)
+        self.radius = radius
+        self.level_index = level_index
+        self.k_cubic = get_kernel("cubic_sample", backend)
+        self.k_eval = get_kernel("bspline_eval", backend)
+        self.k_scatter = get_kernel("bspline_scatter", backend)
+        fa = level.fixed.affine
+        self.fixed_affine = fa
+        if stage == "bspline":
+            self.idx_to_grid = transform.grid.world_to_grid() @ fa
+        self.iteration = 0
+        self.last_valid = 0
+
+    # parameters ---------------------------------------------------------------------------
+    def get_parameters(self) -> np.ndarray:
+        if self.stage == "affine":
+            return self.transform.affine.get_parameters(self.radius)
+        return self.transform.coef.ravel().copy()
+
+    def set_parameters(self, theta: np.ndarray) -> None:
+        if self.stage == "affine":
+            self.transform.affine.set_parameters(theta, self.radius)
+        else:
+            self.transform.coef = theta.reshape(self.transform.coef.shape)
+
+    @property
+    def n_params(self) -> int:
+        return 12 if self.stage == "affine" else self.transform.coef.size
+
+    # evaluation -----------------------------------------------------------------------------
+    def _map(self, idx: np.ndarray):
+        """World points x, grid indices t (B-spline stage) and moving indices q of voxel indices."""
+        fa = self.fixed_affine
+        x = idx @ fa[:3, :3].T + fa[:3, 3]
+        y = self.transform.affine(x)
+        t = None
+        if self.stage == "bspline":
+            g = self.idx_to_grid
+            t = np.ascontiguousarray(idx @ g[:3, :3].T + g[:3, 3])
+            y += self.k_eval(self.transform.coef, t)
+        minv = self.level.moving_inv
+        q = y @ minv[:3, :3].T + minv[:3, 3]
+        return x, t, q
+
+    def _valid(self, q: np.ndarray) -> np.ndarray:
+        lv = self.level
+        ok = np.all((q >= 0.0) & (q <= lv.moving_hi), axis=1)
+        if lv.moving_mask is not None and ok.any():
+            r = np.rint(q[ok]).astype(np.intp)
+            inside = lv.moving_mask[r[:, 0], r[:, 1], r[:, 2]] > 0
+            ok[np.flatnonzero(ok)[~inside]] = False
+        return ok
+
+    def evaluate(self, *, n_samples: int | None = None, gradient: bool = True):
+        """Draw fresh samples; return (value, gradient w.r.t. the parameters or None)."""
+        flat, idx = self.sampler.draw(n_samples)
+        return self.evaluate_at(flat, idx, gradient=gradient)
+
+    def evaluate_at(self, flat: np.ndarray, idx: np.ndarray, *, gradient: bool = True):
+        """Value and gradient at given fixed voxels (flat indices (N,) and voxel indices (N, 3))."""
+        x, t, q = self._map(idx)
+        ok = self._valid(q)
+        n_ok = int(ok.sum())
+        self.last_valid = n_ok
+        n = len(flat)
+        if n_ok < max(MIN_VALID_POINTS, MIN_VALID_FRACTION * n):
+            raise RegistrationError(
+                f"only {n_ok} of {n} sample points map inside the moving image"
+                f"{' and its mask' if self.level.moving_mask is not None else ''} ({self.stage} stage, level "
+                f"{self.level_index + 1}): the images are probably far apart or the masks disjoint; check the "
+                "image orientations, keep the affine initialisation on, or fix the masks"
+            )
+        qv = np.ascontiguousarray(q[ok])
+        f = self.level.fixed_values[flat[ok]]
+        m, gq = self.k_cubic(self.level.moving_coef, qv)
+        if not gradient:
+            value = self.metric.value(f, m)
+            if self.bending is not None and self.bending_weight > 0:
+                value += self.bending_weight * self.bending.value_and_gradient(self.transform.coef)[0]
+            return float(value), None
+        value, dm = self.metric.value_and_derivative(f, m)
+        # dm/dy = Minv_lin^T dm/dq  ->  row form gq @ Minv_lin
+        gy = (dm[:, None] * gq) @ self.level.moving_inv[:3, :3]
+        if self.stage == "affine":
+            grad = self.transform.affine.gradient_from_points(x[ok], gy, self.radius)
+        else:
+            grad = self.k_scatter(np.ascontiguousarray(t[ok]), np.ascontiguousarray(gy), self.transform.grid.shape).ravel()
+            if self.bending is not None and self.bending_weight > 0:
+                be, gbe = self.bending.value_and_gradient(self.transform.coef)
+                value += self.bending_weight * be
+                grad = grad + self.bending_weight * gbe.ravel()
+        return float(value), grad
+
+    # Jacobian probe for the optimiser's step estimation -------------------------------------
+    def probe_points(self, n: int):
+        """Voxel indices (n, 3) inside the fixed mask, for the step-size estimation."""
+        return self.sampler.draw(n)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------------
+def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: RegistrationConfig | None = None,
+             callback: Callable | None = None, **options) -> Result:
+    """Register ``moving`` to ``fixed``.
+
+    fixed, moving, masks: file paths, fastimpact.Image, or (array, affine) pairs (affine: voxel
+    index -> world RAS mm). Options are RegistrationConfig fields (metric, levels, iterations,
+    samples, grid_spacing, affine, seed, threads, device, ...) and override ``config``.
+    callback(event: str, info: dict) is called with 'level_start', 'iteration', 'level_end'.
+    Returns a Result; ``result.save(outdir)`` writes the standard outputs.
+    """
+    from .backend import resolve_device, set_threads
+    from .metrics import make_metric
+
+    cfg = (config or RegistrationConfig()).with_options(**options) if options else (config or RegistrationConfig())
+    backend, device_note = resolve_device(cfg.device)
+    set_threads(cfg.threads)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    fixed_img = as_image(fixed, "fixed image")
+    moving_img = as_image(moving, "moving image")
+    fmask_img = as_image(fixed_mask, "fixed mask", mask=True)
+    mmask_img = as_image(moving_mask, "moving mask", mask=True)
+    fmask = _check_mask(fmask_img, fixed_img, "fixed")
+    mmask = _check_mask(mmask_img, moving_img, "moving")
+    _check_not_constant(np.asarray(fixed_img.data), fmask, "fixed")
+    _check_not_constant(np.asarray(moving_img.data), mmask, "moving")
+    fixed_img = fixed_img.with_data(np.asarray(fixed_img.data, dtype=np.float32))
+    moving_f32 = moving_img.with_data(np.asarray(moving_img.data, dtype=np.float32))
+    timings["load"] = time.perf_counter() - t_start
+
+    factors = [2 ** (cfg.levels - 1 - i) for i in range(cfg.levels)]
+    min_extent = min(np.array(fixed_img.shape) * fixed_img.spacing)
+    if min(fixed_img.shape) < 4 or min(moving_img.shape) < 4:
+        raise ImageError(
+            f"images of shape {fixed_img.shape} / {moving_img.shape} are too small: every axis needs at least 4 voxels"
+        )
+    coarsest = min(min(fixed_img.shape), min(moving_img.shape)) / factors[0]
+    if coarsest < 4:
+        raise ConfigError(
+            f"levels={cfg.levels} shrinks the smallest image axis to {coarsest:.1f} voxels: use fewer --levels"
+        )
+
+    t0 = time.perf_counter()
+    from .pyramid import build_pyramid
+
+    fixed_pyr = build_pyramid(fixed_img, factors)
+    moving_pyr = build_pyramid(moving_f32, factors)
+    fmask_pyr = build_pyramid(Image(fmask, fixed_img.affine), factors, is_mask=True) if fmask is not None else [None] * cfg.levels
+    mmask_pyr = build_pyramid(Image(mmask, moving_img.affine), factors, is_mask=True) if mmask is not None else [None] * cfg.levels
+    timings["pyramid"] = time.perf_counter() - t0
+
+    # initial affine
+    center, translation = _initial_affine(fixed_img, moving_f32, fmask, mmask, cfg.init)
+    transform = CompositeTransform(AffineTransform(np.eye(3), translation, center))
+    radius = _rms_radius(fixed_img, fmask, center)
+
+    levels_data: list[LevelData | None] = [None] * cfg.levels
+
+    def level_data(i):
+        if levels_data[i] is None:
+            t = time.perf_counter()
+            fm = fmask_pyr[i].data if fmask_pyr[i] is not None else None
+            mm = mmask_pyr[i].data if mmask_pyr[i] is not None else None
+            levels_data[i] = LevelData(fixed_pyr[i], moving_pyr[i], fm, mm)
+            timings["prefilter"] = timings.get("prefilter", 0.0) + time.perf_counter() - t
+        return levels_data[i]
+
+    report = {
+        "fastimpact_version": __version__,
+        "versions": _versions(),
+        "device": backend,
+        "device_note": device_note,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "fixed": {"shape": list(fixed_img.shape), "spacing_mm": fixed_img.spacing.tolist()},
+        "moving": {"shape": list(moving_img.shape), "spacing_mm": moving_img.spacing.tolist()},
+        "initial_affine": transform.affine.to_dict(),
+        "stages": [],
+    }
+
+    metric_opts = {"bins": cfg.bins} if cfg.metric == "mi" else {}
+    if cfg.max_step is not None:
+        max_step = float(cfg.max_step)
+    else:
+        from .optimizers import default_max_step_length
+
+        max_step = default_max_step_length(fixed_img.spacing, moving_img.spacing)
+    stages = (["affine"] if cfg.affine else []) + ["bspline"]
+    iters_bs = cfg.per_level("iterations")
+    iters_af = cfg.per_level("affine_iterations")
+    samples = cfg.per_level("samples")
+    bend_w = cfg.per_level("bending_weight")
+    spacings = cfg.grid_spacings()
+
+    for stage in stages:
+        t_stage = time.perf_counter()
+        for li in range(cfg.levels):
+            n_it = iters_af[li] if stage == "affine" else iters_bs[li]
+            if n_it == 0:
+                continue
+            lv = level_data(li)
+            metric = make_metric(cfg.metric, **metric_opts)
+            metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
+            bending = None
+            if stage == "bspline":
+                grid = BSplineGrid.for_image(fixed_img.shape, fixed_img.affine, spacings[li])
+                if transform.coef is None:
+                    transform.grid, transform.coef = grid, np.zeros(tuple(grid.shape) + (3,))
+                elif transform.grid.shape != grid.shape or not np.allclose(transform.grid.spacing, grid.spacing):
+                    transform.coef = refine_coefficients(transform.coef, grid.shape)
+                    transform.grid = grid
+                if bend_w[li] > 0:
+                    bending = BendingEnergy(grid, fixed_img.shape)
+            from .samplers import RandomSampler
+
+            sampler = RandomSampler(lv.fixed.shape, lv.fixed_mask, samples[li], cfg.seed,
+                                    stream=(stages.index(stage), li))
+            cost = CostFunction(lv, metric, sampler, transform, stage, backend, bending, bend_w[li], radius, li)
+            info = _optimise(cost, n_it, lv, cfg, callback, stage, li, max_step)
+            report["stages"].append(info)
+        timings[f"{stage}_stage"] = time.perf_counter() - t_stage
+
+    timings["total_registration"] = time.perf_counter() - t_start
+    report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    report["final_affine"] = transform.affine.to_dict()
+    if transform.coef is not None:
+        report["bspline_grid"] = {"shape": list(transform.grid.shape), "spacing_mm": transform.grid.spacing.tolist()}
+    finest = levels_data[-1]
+    moving_coef = None
+    if finest is not None and factors[-1] == 1:
+        moving_coef = finest.moving_coef
+    report["_moving_coef"] = moving_coef
+    result = Result(transform, fixed_img, moving_img, cfg, report, backend)
+    return result
+
+
+def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
+    """dT/dtheta at probe voxels ``idx`` (P, 3) of the level, as the optimiser's SparseJacobian."""
+    from .kernels import get_kernel
+    from .optimizers import SparseJacobian
+
+    fa = cost.fixed_affine
+    if cost.stage == "affine":
+        x = idx @ fa[:3, :3].T + fa[:3, 3]
+        d = (x - cost.transform.affine.center) / cost.radius
+        vals = np.zeros((len(idx), 3, 12))
+        for r in range(3):
+            vals[:, r, 3 * r : 3 * r + 3] = d  # matrix entry (r, c) is parameter 3 r + c
+            vals[:, r, 9 + r] = 1.0
+        return SparseJacobian(np.broadcast_to(np.arange(12), (len(idx), 12)), vals, 12)
+    g = cost.idx_to_grid
+    t = np.ascontiguousarray(idx @ g[:3, :3].T + g[:3, 3])
+    base, w, _ = get_kernel("bspline_weights", "numpy")(t)
+    gx, gy, gz = cost.transform.grid.shape
+    a = np.arange(4)
+    ix = np.clip(base[:, 0, None] + a, 0, gx - 1)
+    iy = np.clip(base[:, 1, None] + a, 0, gy - 1)
+    iz = np.clip(base[:, 2, None] + a, 0, gz - 1)
+    nodes = (ix[:, :, None, None] * gy + iy[:, None, :, None]) * gz + iz[:, None, None, :]
+    weights = w[:, 0, :, None, None] * w[:, 1, None, :, None] * w[:, 2, None, None, :]
+    # parameters are coef.ravel() of (gx, gy, gz, 3): node n, component d -> 3 n + d
+    return SparseJacobian.kronecker(3 * nodes.reshape(len(idx), 64), weights.reshape(len(idx), 64),
+                                    cost.n_params, n_dims=3, stride=1)
+
+
+EXACT_GRADIENT_SAMPLES = 100_000  # elastix's NumberOfSamplesForExactGradient
+
+
+def _estimate_asgd(cost: CostFunction, iterations: int, max_step: float, seed: int):
+    """Automatic ASGD parameters at the level's start (elastix's "Original" method)."""
+    from .optimizers import ASGDSettings, default_n_jacobian_measurements, estimate_parameters, grid_sample_points
+
+    settings = ASGDSettings(iterations=iterations, max_step_mm=max_step)
+    lv = cost.level
+    n_probe = default_n_jacobian_measurements(cost.n_params, settings)
+    probe = grid_sample_points(lv.fixed.shape, n_probe, lv.fixed_mask).astype(np.float64)
+    jac = _probe_jacobian(cost, probe)
+    exact_idx = grid_sample_points(lv.fixed.shape, EXACT_GRADIENT_SAMPLES, lv.fixed_mask)
+    exact_flat = np.ravel_multi_index(tuple(exact_idx.T), lv.fixed.shape)
+    exact_idx = exact_idx.astype(np.float64)
+    theta0 = cost.get_parameters()
+
+    def gradient(theta, _seed):
+        cost.set_parameters(theta)
+        return cost.evaluate()[1]
+
+    def exact_gradient(theta):
+        cost.set_parameters(theta)
+        return cost.evaluate_at(exact_flat, exact_idx)[1]
+
+    params = estimate_parameters(settings, jac, theta0, gradient, exact_gradient=exact_gradient, rng=seed)
+    cost.set_parameters(theta0)
+    return settings, params
+
+
+def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: RegistrationConfig, callback, stage, li,
+              max_step: float):
+    from .optimizers import ASGD
+
+    t0 = time.perf_counter()
+    settings, params = _estimate_asgd(cost, iterations, max_step, cfg.seed + 7919 * li)
+    opt = ASGD.from_settings(settings, params)
+    t_est = time.perf_counter() - t0
+    theta = cost.get_parameters()
+    values = np.empty(iterations)
+    if callback:
+        callback("level_start", {"stage": stage, "level": li, "iterations": iterations})
+    for k in range(iterations):
+        value, g = cost.evaluate()
+        values[k] = value
+        theta = opt.step(theta, g)
+        cost.set_parameters(theta)
+        if callback:
+            callback("iteration", {"stage": stage, "level": li, "iteration": k, "value": value})
+    elapsed = time.perf_counter() - t0
+    info = {
+        "stage": stage,
+        "level": li + 1,
+        "image_shape": list(lv.fixed.shape),
+        "spacing_mm": [round(float(s), 4) for s in lv.fixed.spacing],
+        "iterations": iterations,
+        "n_parameters": cost.n_params,
+        "metric_start": float(values[0]),
+        "metric_end": float(values[-1]),
+        "metric_end_mean10": float(values[-10:].mean()),
+        "valid_samples_last": cost.last_valid,
+        "time_s": round(elapsed, 4),
+        "estimation_time_s": round(t_est, 4),
+        "asgd": {"a": params.a, "A": params.A, "alpha": params.alpha, "f_max": params.f_max,
+                 "f_min": params.f_min, "omega": params.omega, "final_time": opt.time,
+                 **{k: float(v) for k, v in params.info.items()}},
+    }
+    if callback:
+        callback("level_end", info)
+    return info
+
+
+def _initial_affine(fixed: Image, moving: Image, fmask, mmask, mode: str):
+    fc = _center(fixed, fmask, mode)
+    mc = _center(moving, mmask, mode)
+    return fc, mc - fc
+
+
+def _center(img: Image, mask, mode: str) -> np.ndarray:
+    if mode == "none":
+        return _center(img, mask, "geometry")
+    if mode == "geometry":
+        mid = (np.asarray(img.shape, dtype=np.float64) - 1.0) / 2.0
+        return img.affine[:3, :3] @ mid + img.affine[:3, 3]
+    data = np.asarray(img.data, dtype=np.float64)
+    w = data - data.min()
+    if mask is not None:
+        w = w * mask
+    total = w.sum()
+    if total <= 0:
+        return _center(img, mask, "geometry")
+    idx = [np.arange(n, dtype=np.float64) for n in img.shape]
+    com = np.array([
+        (w.sum(axis=(1, 2)) * idx[0]).sum(),
+        (w.sum(axis=(0, 2)) * idx[1]).sum(),
+        (w.sum(axis=(0, 1)) * idx[2]).sum(),
+    ]) / total
+    return img.affine[:3, :3] @ com + img.affine[:3, 3]
+
+
+def _rms_radius(img: Image, mask, center) -> float:
+    """RMS distance (mm) of the fixed image's (masked) voxels from the centre."""
+    shape = img.shape
+    step = max(1, int(round(np.prod(shape) ** (1 / 3) / 32)))
+    idx = np.stack(np.meshgrid(*[np.arange(0, n, step) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    if mask is not None:
+        idx = idx[mask[idx[:, 0], idx[:, 1], idx[:, 2]]]
+        if idx.size == 0:
+            idx = np.argwhere(mask)
+    x = idx @ img.affine[:3, :3].T + img.affine[:3, 3]
+    return float(max(np.sqrt(np.mean(np.sum((x - center) ** 2, axis=1))), 1.0))
+
+
+def _versions() -> dict:
+    import platform
+
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "scipy", "numba", "nibabel"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            out[mod] = None
+    return out

@@ -1,0 +1,42 @@
+"""Random sampling of fixed-image voxels (elastix's "Random" sampler).
+
+Each iteration draws ``n`` voxels uniformly, with replacement, from the voxels of the fixed
+image inside the fixed mask (all voxels without a mask). Draws come from a counter-based
+Philox generator keyed by (seed, stage, level), so a rerun with one seed draws the same points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import RegistrationError
+
+
+class RandomSampler:
+    def __init__(self, shape, mask: np.ndarray | None, n_samples: int, seed: int, stream: tuple = ()):
+        self.shape = tuple(shape)
+        if mask is not None:
+            flat = np.flatnonzero(np.asarray(mask).ravel())
+            if flat.size == 0:
+                raise RegistrationError(
+                    "the fixed mask has no voxels at this pyramid level: give a mask that covers "
+                    "the region to register, or use fewer --levels"
+                )
+            self.candidates = flat
+        else:
+            self.candidates = None
+        self.n_total = int(np.prod(self.shape)) if mask is None else int(self.candidates.size)
+        self.n_samples = int(n_samples)
+        key = np.random.SeedSequence([int(seed), *[int(s) for s in stream]]).generate_state(2, np.uint64)
+        self.rng = np.random.Generator(np.random.Philox(key=key))
+
+    def draw_flat(self, n: int | None = None) -> np.ndarray:
+        n = self.n_samples if n is None else n
+        pick = self.rng.integers(0, self.n_total, size=n)
+        return pick if self.candidates is None else self.candidates[pick]
+
+    def draw(self, n: int | None = None):
+        """Return (flat indices (n,), voxel indices (n, 3) float64)."""
+        flat = self.draw_flat(n)
+        idx = np.stack(np.unravel_index(flat, self.shape), axis=1).astype(np.float64)
+        return flat, idx

@@ -1,0 +1,722 @@
+"""Numba CPU kernels (``parallel=True, cache=True``); same signatures and results as ``reference``.
+
+Each public function is a thin Python wrapper that checks shapes, makes arrays contiguous and
+allocates outputs; the ``_k_*`` functions are the compiled loops (``prange`` over points, voxels or
+point chunks). The scalar B-spline weights come from ``_bspline1d`` so the CUDA backend can compile
+the very same source. Arithmetic is float64 whatever the image dtype; outputs take the image dtype.
+
+Compiled code is cached next to this file (or in numba's user cache dir when that is read-only), so
+only the first process that meets a given dtype combination pays the compile time.
+"""
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from fastimpact.errors import ConfigError
+
+from . import _bspline1d as _b1
+from . import reference as _ref
+
+__all__ = list(_ref.__all__)
+
+_jit = numba.njit(cache=True, nogil=True)
+_pjit = numba.njit(parallel=True, cache=True, nogil=True)
+
+_w4 = _jit(_b1.bspline3_weights)
+_dw4 = _jit(_b1.bspline3_weights_d1)
+_mirror_taps = _jit(_b1.mirror_taps)
+_mirror_coord = _jit(_b1.mirror_coord)
+_clamp_taps = _jit(_b1.clamp_taps)
+
+
+# ----------------------------------------------------------------------------- input handling
+def _volume(arr, name):
+    _ref._check_volume(arr, name)
+    return np.ascontiguousarray(arr)
+
+
+def _float_volume(arr, name):
+    a = _volume(arr, name)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    return a
+
+
+def _points64(points, name="points"):
+    """(..., 3) points as a float64 C-contiguous (M, 3) array, plus the leading shape."""
+    p = _ref._points(points, name)
+    return np.ascontiguousarray(p.reshape(-1, 3), dtype=np.float64), p.shape[:-1]
+
+
+def _grid(coef):
+    _ref._check_grid(coef)
+    return np.ascontiguousarray(coef, dtype=np.float64)
+
+
+def _float_out_dtype(dtype):
+    return np.dtype(dtype) if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+
+# ----------------------------------------------------------------------------- image sampling
+@_jit
+def _finite3(x, y, z):
+    # |v| < 1e15 is False for NaN and inf and keeps int(floor(v)) well defined.
+    return abs(x) < 1e15 and abs(y) < 1e15 and abs(z) < 1e15
+
+
+@_jit
+def _cubic_point(coef, x, y, z):
+    """Value and index-gradient of the mirror-extended spline at one (finite or not) point."""
+    nx, ny, nz = coef.shape
+    if not _finite3(x, y, z):
+        return np.nan, np.nan, np.nan, np.nan
+    x, sx = _mirror_coord(x, nx)
+    y, sy = _mirror_coord(y, ny)
+    z, sz = _mirror_coord(z, nz)
+    fx = math.floor(x)
+    fy = math.floor(y)
+    fz = math.floor(z)
+    ix = _mirror_taps(int(fx) - 1, nx)
+    iy = _mirror_taps(int(fy) - 1, ny)
+    iz = _mirror_taps(int(fz) - 1, nz)
+    wx = _w4(x - fx)
+    wy = _w4(y - fy)
+    wz = _w4(z - fz)
+    dwx = _dw4(x - fx)
+    dwy = _dw4(y - fy)
+    dwz = _dw4(z - fz)
+    # The z taps are unrolled by hand and tuple elements read once into scalars: ~30% faster
+    # than indexing tuples inside the innermost loop.
+    k0, k1, k2, k3 = iz
+    wz0, wz1, wz2, wz3 = wz
+    dz0, dz1, dz2, dz3 = dwz
+    val = 0.0
+    gx = 0.0
+    gy = 0.0
+    gz = 0.0
+    for a in range(4):
+        i = ix[a]
+        sb = 0.0
+        sby = 0.0
+        sbz = 0.0
+        for b in range(4):
+            j = iy[b]
+            v0 = np.float64(coef[i, j, k0])
+            v1 = np.float64(coef[i, j, k1])
+            v2 = np.float64(coef[i, j, k2])
+            v3 = np.float64(coef[i, j, k3])
+            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
+            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
+            sb += wy[b] * sc
+            sby += dwy[b] * sc
+            sbz += wy[b] * scz
+        val += wx[a] * sb
+        gx += dwx[a] * sb
+        gy += wx[a] * sby
+        gz += wx[a] * sbz
+    return val, gx * sx, gy * sy, gz * sz
+
+
+@_jit
+def _cubic_value(coef, x, y, z):
+    """Value only of the mirror-extended spline at a finite point."""
+    nx, ny, nz = coef.shape
+    x, _ = _mirror_coord(x, nx)
+    y, _ = _mirror_coord(y, ny)
+    z, _ = _mirror_coord(z, nz)
+    fx = math.floor(x)
+    fy = math.floor(y)
+    fz = math.floor(z)
+    ix = _mirror_taps(int(fx) - 1, nx)
+    iy = _mirror_taps(int(fy) - 1, ny)
+    iz = _mirror_taps(int(fz) - 1, nz)
+    wx = _w4(x - fx)
+    wy = _w4(y - fy)
+    wz = _w4(z - fz)
+    k0, k1, k2, k3 = iz
+    wz0, wz1, wz2, wz3 = wz
+    val = 0.0
+    for a in range(4):
+        i = ix[a]
+        sb = 0.0
+        for b in range(4):
+            j = iy[b]
+            sc = (
+                wz0 * np.float64(coef[i, j, k0])
+                + wz1 * np.float64(coef[i, j, k1])
+                + wz2 * np.float64(coef[i, j, k2])
+                + wz3 * np.float64(coef[i, j, k3])
+            )
+            sb += wy[b] * sc
+        val += wx[a] * sb
+    return val
+
+
+# Points per block of the two-pass sampling loops (touch pass, then compute pass).
+_BLOCK = 64
+
+
+@_jit
+def _touch_rows(coef, pts, lo, hi):
+    """Load both ends of the 16 coefficient rows each point in pts[lo:hi] will read.
+
+    Random samples in an image larger than the caches miss on almost every row. This loop has
+    no long dependency chains, so the CPU keeps many of those misses in flight at once; the
+    compute pass that follows then finds the rows in cache. Measured ~2x faster for 2000
+    random points in a 197x233x189 float32 image. Indices are clamped (a hint only, never out
+    of bounds); the returned sum exists so the loads are not optimised away.
+    """
+    nx, ny, nz = coef.shape
+    acc = 0.0
+    for p in range(lo, hi):
+        x = pts[p, 0]
+        y = pts[p, 1]
+        z = pts[p, 2]
+        if not _finite3(x, y, z):
+            continue
+        i = int(math.floor(x)) - 1
+        j = int(math.floor(y)) - 1
+        k = int(math.floor(z)) - 1
+        k0 = min(max(k, 0), nz - 1)
+        k3 = min(max(k + 3, 0), nz - 1)
+        for a in range(4):
+            ii = min(max(i + a, 0), nx - 1)
+            for b in range(4):
+                jj = min(max(j + b, 0), ny - 1)
+                acc += np.float64(coef[ii, jj, k0]) + np.float64(coef[ii, jj, k3])
+    return acc
+
+
+@_pjit
+def _k_cubic_sample(coef, pts, values, grads, sink):
+    n = pts.shape[0]
+    for blk in prange(sink.shape[0]):
+        lo = blk * _BLOCK
+        hi = min(lo + _BLOCK, n)
+        sink[blk] = _touch_rows(coef, pts, lo, hi)
+        for p in range(lo, hi):
+            v, gx, gy, gz = _cubic_point(coef, pts[p, 0], pts[p, 1], pts[p, 2])
+            values[p] = v
+            grads[p, 0] = gx
+            grads[p, 1] = gy
+            grads[p, 2] = gz
+
+
+def _sink(n):
+    return np.empty((n + _BLOCK - 1) // _BLOCK)
+
+
+@_jit
+def _inside(x, y, z, nx, ny, nz):
+    # NaN fails every comparison, so it counts as outside.
+    return (
+        x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5 and z >= -0.5 and z <= nz - 0.5
+    )
+
+
+@_pjit
+def _k_cubic_values(coef, pts, fill, out, sink):
+    nx, ny, nz = coef.shape
+    n = pts.shape[0]
+    for blk in prange(sink.shape[0]):
+        lo = blk * _BLOCK
+        hi = min(lo + _BLOCK, n)
+        sink[blk] = _touch_rows(coef, pts, lo, hi)
+        for p in range(lo, hi):
+            x = np.float64(pts[p, 0])
+            y = np.float64(pts[p, 1])
+            z = np.float64(pts[p, 2])
+            if _inside(x, y, z, nx, ny, nz):
+                out[p] = _cubic_value(coef, x, y, z)
+            else:
+                out[p] = fill
+
+
+@_pjit
+def _k_linear(img, pts, fill, out):
+    nx, ny, nz = img.shape
+    for n in prange(pts.shape[0]):
+        x = np.float64(pts[n, 0])
+        y = np.float64(pts[n, 1])
+        z = np.float64(pts[n, 2])
+        if not _inside(x, y, z, nx, ny, nz):
+            out[n] = fill
+            continue
+        fx = math.floor(x)
+        fy = math.floor(y)
+        fz = math.floor(z)
+        tx = x - fx
+        ty = y - fy
+        tz = z - fz
+        i0 = min(max(int(fx), 0), nx - 1)
+        j0 = min(max(int(fy), 0), ny - 1)
+        k0 = min(max(int(fz), 0), nz - 1)
+        i1 = min(max(int(fx) + 1, 0), nx - 1)
+        j1 = min(max(int(fy) + 1, 0), ny - 1)
+        k1 = min(max(int(fz) + 1, 0), nz - 1)
+        c00 = (1.0 - tz) * np.float64(img[i0, j0, k0]) + tz * np.float64(img[i0, j0, k1])
+        c01 = (1.0 - tz) * np.float64(img[i0, j1, k0]) + tz * np.float64(img[i0, j1, k1])
+        c10 = (1.0 - tz) * np.float64(img[i1, j0, k0]) + tz * np.float64(img[i1, j0, k1])
+        c11 = (1.0 - tz) * np.float64(img[i1, j1, k0]) + tz * np.float64(img[i1, j1, k1])
+        c0 = (1.0 - ty) * c00 + ty * c01
+        c1 = (1.0 - ty) * c10 + ty * c11
+        out[n] = (1.0 - tx) * c0 + tx * c1
+
+
+@_pjit
+def _k_nearest(img, pts, fill, out):
+    nx, ny, nz = img.shape
+    for n in prange(pts.shape[0]):
+        x = np.float64(pts[n, 0])
+        y = np.float64(pts[n, 1])
+        z = np.float64(pts[n, 2])
+        if not _inside(x, y, z, nx, ny, nz):
+            out[n] = fill
+            continue
+        i = min(int(math.floor(x + 0.5)), nx - 1)
+        j = min(int(math.floor(y + 0.5)), ny - 1)
+        k = min(int(math.floor(z + 0.5)), nz - 1)
+        out[n] = img[max(i, 0), max(j, 0), max(k, 0)]
+
+
+def cubic_sample(coef, points):
+    coef = _float_volume(coef, "coef")
+    pts, _ = _points64(points)
+    values = np.empty(len(pts), dtype=coef.dtype)
+    grads = np.empty((len(pts), 3), dtype=coef.dtype)
+    _k_cubic_sample(coef, pts, values, grads, _sink(len(pts)))
+    return values, grads
+
+
+def cubic_sample_values(coef, points, fill=0.0):
+    coef = _float_volume(coef, "coef")
+    pts, lead = _points64(points)
+    out = np.empty(len(pts), dtype=coef.dtype)
+    _k_cubic_values(coef, pts, float(fill), out, _sink(len(pts)))
+    return out.reshape(lead)
+
+
+def linear_sample(img, points, fill=0.0):
+    img = _volume(img, "img")
+    if img.dtype == np.bool_:
+        img = img.view(np.uint8)
+    pts, lead = _points64(points)
+    out = np.empty(len(pts), dtype=_float_out_dtype(img.dtype))
+    _k_linear(img, pts, float(fill), out)
+    return out.reshape(lead)
+
+
+def nearest_sample(img, points, fill=0):
+    img = _volume(img, "img")
+    pts, lead = _points64(points)
+    out = np.empty(len(pts), dtype=img.dtype)
+    work = out.view(np.uint8) if img.dtype == np.bool_ else out
+    src = img.view(np.uint8) if img.dtype == np.bool_ else img
+    _k_nearest(src, pts, np.asarray(fill).astype(src.dtype)[()], work)
+    return out.reshape(lead)
+
+
+# ----------------------------------------------------------------------------- B-spline transform
+@_jit
+def _taps(t, g):
+    """Zero-extended taps of one coordinate: (indices, weights, d weights)."""
+    fl = math.floor(t)
+    f = t - fl
+    base = int(fl) - 1
+    idx, w = _clamp_taps(base, g, _w4(f))
+    _, dw = _clamp_taps(base, g, _dw4(f))
+    return idx, w, dw
+
+
+@_pjit
+def _k_bspline_weights(t, base, w, dw):
+    for n in prange(t.shape[0]):
+        for d in range(3):
+            v = t[n, d]
+            if not abs(v) < 1e15:
+                v = 0.0  # unusable coordinate: report the taps of 0, as the reference does
+            fl = math.floor(v)
+            f = v - fl
+            base[n, d] = int(fl) - 1
+            ww = _w4(f)
+            dd = _dw4(f)
+            for k in range(4):
+                w[n, d, k] = ww[k]
+                dw[n, d, k] = dd[k]
+
+
+@_jit
+def _eval_point(coef, x, y, z):
+    """Displacement (3 floats) at grid index (x, y, z); zero for unusable coordinates."""
+    gx, gy, gz, _ = coef.shape
+    u0 = 0.0
+    u1 = 0.0
+    u2 = 0.0
+    if _finite3(x, y, z):
+        ix, wx, _ = _taps(x, gx)
+        iy, wy, _ = _taps(y, gy)
+        iz, wz, _ = _taps(z, gz)
+        # Tuple elements are read once into scalars and the z taps unrolled: indexing the array
+        # with ix[a] etc. inside the innermost loop is ~10x slower in Numba.
+        k0, k1, k2, k3 = iz
+        wz0, wz1, wz2, wz3 = wz
+        for a in range(4):
+            i = ix[a]
+            for b in range(4):
+                j = iy[b]
+                w = wx[a] * wy[b]
+                u0 += w * (
+                    wz0 * coef[i, j, k0, 0] + wz1 * coef[i, j, k1, 0]
+                    + wz2 * coef[i, j, k2, 0] + wz3 * coef[i, j, k3, 0]
+                )
+                u1 += w * (
+                    wz0 * coef[i, j, k0, 1] + wz1 * coef[i, j, k1, 1]
+                    + wz2 * coef[i, j, k2, 1] + wz3 * coef[i, j, k3, 1]
+                )
+                u2 += w * (
+                    wz0 * coef[i, j, k0, 2] + wz1 * coef[i, j, k1, 2]
+                    + wz2 * coef[i, j, k2, 2] + wz3 * coef[i, j, k3, 2]
+                )
+    return u0, u1, u2
+
+
+@_pjit
+def _k_bspline_eval(coef, t, out):
+    for n in prange(t.shape[0]):
+        u0, u1, u2 = _eval_point(coef, t[n, 0], t[n, 1], t[n, 2])
+        out[n, 0] = u0
+        out[n, 1] = u1
+        out[n, 2] = u2
+
+
+@_jit
+def _jac_component(coef, cc, ix, iy, iz, wx, wy, wz, dwx, dwy, dwz):
+    """(d u_cc/dt_x, d u_cc/dt_y, d u_cc/dt_z) from zero-extended taps (z taps unrolled)."""
+    k0, k1, k2, k3 = iz
+    wz0, wz1, wz2, wz3 = wz
+    dz0, dz1, dz2, dz3 = dwz
+    jx = 0.0
+    jy = 0.0
+    jz = 0.0
+    for a in range(4):
+        i = ix[a]
+        sb = 0.0
+        sby = 0.0
+        sbz = 0.0
+        for b in range(4):
+            j = iy[b]
+            v0 = coef[i, j, k0, cc]
+            v1 = coef[i, j, k1, cc]
+            v2 = coef[i, j, k2, cc]
+            v3 = coef[i, j, k3, cc]
+            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
+            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
+            sb += wy[b] * sc
+            sby += dwy[b] * sc
+            sbz += wy[b] * scz
+        jx += dwx[a] * sb
+        jy += wx[a] * sby
+        jz += wx[a] * sbz
+    return jx, jy, jz
+
+
+@_pjit
+def _k_bspline_jacobian(coef, t, out):
+    gx, gy, gz, _ = coef.shape
+    for n in prange(t.shape[0]):
+        x = t[n, 0]
+        y = t[n, 1]
+        z = t[n, 2]
+        if not _finite3(x, y, z):
+            for cc in range(3):
+                for d in range(3):
+                    out[n, cc, d] = 0.0
+            continue
+        ix, wx, dwx = _taps(x, gx)
+        iy, wy, dwy = _taps(y, gy)
+        iz, wz, dwz = _taps(z, gz)
+        for cc in range(3):
+            jx, jy, jz = _jac_component(coef, cc, ix, iy, iz, wx, wy, wz, dwx, dwy, dwz)
+            out[n, cc, 0] = jx
+            out[n, cc, 1] = jy
+            out[n, cc, 2] = jz
+
+
+@_jit
+def _scatter_range(t, g, lo, hi, acc):
+    gx, gy, gz, _ = acc.shape
+    for n in range(lo, hi):
+        x = t[n, 0]
+        y = t[n, 1]
+        z = t[n, 2]
+        if not _finite3(x, y, z):
+            continue
+        ix, wx, _ = _taps(x, gx)
+        iy, wy, _ = _taps(y, gy)
+        iz, wz, _ = _taps(z, gz)
+        k0, k1, k2, k3 = iz
+        # g spread over the four z taps, then added to the 16 (i, j) rows
+        h00 = wz[0] * g[n, 0]
+        h01 = wz[0] * g[n, 1]
+        h02 = wz[0] * g[n, 2]
+        h10 = wz[1] * g[n, 0]
+        h11 = wz[1] * g[n, 1]
+        h12 = wz[1] * g[n, 2]
+        h20 = wz[2] * g[n, 0]
+        h21 = wz[2] * g[n, 1]
+        h22 = wz[2] * g[n, 2]
+        h30 = wz[3] * g[n, 0]
+        h31 = wz[3] * g[n, 1]
+        h32 = wz[3] * g[n, 2]
+        for a in range(4):
+            i = ix[a]
+            for b in range(4):
+                j = iy[b]
+                w = wx[a] * wy[b]
+                acc[i, j, k0, 0] += w * h00
+                acc[i, j, k0, 1] += w * h01
+                acc[i, j, k0, 2] += w * h02
+                acc[i, j, k1, 0] += w * h10
+                acc[i, j, k1, 1] += w * h11
+                acc[i, j, k1, 2] += w * h12
+                acc[i, j, k2, 0] += w * h20
+                acc[i, j, k2, 1] += w * h21
+                acc[i, j, k2, 2] += w * h22
+                acc[i, j, k3, 0] += w * h30
+                acc[i, j, k3, 1] += w * h31
+                acc[i, j, k3, 2] += w * h32
+
+
+@_pjit
+def _k_bspline_scatter_chunks(t, g, part):
+    """Chunk ``ch`` of the points accumulates into its private grid ``part[ch]`` (no races)."""
+    nchunks = part.shape[0]
+    npts = t.shape[0]
+    for ch in prange(nchunks):
+        _scatter_range(t, g, ch * npts // nchunks, (ch + 1) * npts // nchunks, part[ch])
+
+
+def _scatter(t, g, grid_shape, nchunks):
+    gx, gy, gz = grid_shape
+    if nchunks <= 1:
+        out = np.zeros((gx, gy, gz, 3))
+        _scatter_range(t, g, 0, len(t), out)
+        return out
+    part = np.zeros((nchunks, gx, gy, gz, 3))
+    _k_bspline_scatter_chunks(t, g, part)
+    return part.sum(axis=0)
+
+
+# Points per private grid cell below which a chunk is not worth its grid (zeroing + summing).
+_SCATTER_POINTS_PER_CELL = 0.25
+
+
+def _scatter_chunks(npts, grid_cells):
+    threads = numba.get_num_threads()
+    by_work = int(npts / max(_SCATTER_POINTS_PER_CELL * grid_cells, 1.0))
+    return max(1, min(threads, by_work))
+
+
+@_jit
+def _axis_taps(n_out, t0, dt, g):
+    """Zero-extended tap indices (n_out, 4) and weights (n_out, 4) along one axis."""
+    idx = np.empty((n_out, 4), dtype=np.int64)
+    w = np.empty((n_out, 4))
+    for i in range(n_out):
+        t = t0 + i * dt
+        if abs(t) < 1e15:
+            ii, ww, _ = _taps(t, g)
+        else:
+            ii = (0, 0, 0, 0)
+            ww = (0.0, 0.0, 0.0, 0.0)
+        for k in range(4):
+            idx[i, k] = ii[k]
+            w[i, k] = ww[k]
+    return idx, w
+
+
+@_pjit
+def _k_dense_yz(coef, Y, Z, t0y, t0z, dty, dtz):
+    """Passes 1-2 of the separable dense evaluation: contract z, then y.
+
+    Returns t2 (gx, Y, Z*3) with t2[a, j, 3k + d] = sum_{b,c} wy[j,b] wz[k,c] coef[a, b, c, d].
+    """
+    gx, gy, gz, _ = coef.shape
+    iy, wy = _axis_taps(Y, t0y, dty, gy)
+    iz, wz = _axis_taps(Z, t0z, dtz, gz)
+    t1 = np.empty((gx, gy, Z, 3))
+    for ab in prange(gx * gy):
+        a = ab // gy
+        b = ab % gy
+        for k in range(Z):
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            for c in range(4):
+                wt = wz[k, c]
+                kk = iz[k, c]
+                s0 += wt * coef[a, b, kk, 0]
+                s1 += wt * coef[a, b, kk, 1]
+                s2 += wt * coef[a, b, kk, 2]
+            t1[a, b, k, 0] = s0
+            t1[a, b, k, 1] = s1
+            t1[a, b, k, 2] = s2
+    L = Z * 3
+    t1f = t1.reshape(gx, gy, L)
+    t2 = np.empty((gx, Y, L))
+    for aj in prange(gx * Y):
+        a = aj // Y
+        j = aj % Y
+        r0 = t1f[a, iy[j, 0]]
+        r1 = t1f[a, iy[j, 1]]
+        r2 = t1f[a, iy[j, 2]]
+        r3 = t1f[a, iy[j, 3]]
+        w0 = wy[j, 0]
+        w1 = wy[j, 1]
+        w2 = wy[j, 2]
+        w3 = wy[j, 3]
+        dst = t2[a, j]
+        for m in range(L):
+            dst[m] = w0 * r0[m] + w1 * r1[m] + w2 * r2[m] + w3 * r3[m]
+    return t2
+
+
+@_pjit
+def _k_dense_x(t2, ix, wx, out):
+    """Pass 3: out[i, j, :] = sum_a wx[i, a] t2[ix[i, a], j, :] (inner loop contiguous, vectorised)."""
+    X = ix.shape[0]
+    Y = t2.shape[1]
+    L = t2.shape[2]
+    outf = out.reshape(X, Y, L)
+    for ij in prange(X * Y):
+        i = ij // Y
+        j = ij % Y
+        r0 = t2[ix[i, 0], j]
+        r1 = t2[ix[i, 1], j]
+        r2 = t2[ix[i, 2], j]
+        r3 = t2[ix[i, 3], j]
+        w0 = wx[i, 0]
+        w1 = wx[i, 1]
+        w2 = wx[i, 2]
+        w3 = wx[i, 3]
+        dst = outf[i, j]
+        for m in range(L):
+            dst[m] = w0 * r0[m] + w1 * r1[m] + w2 * r2[m] + w3 * r3[m]
+
+
+def bspline_weights(t):
+    t, _ = _points64(t, "t")
+    base = np.empty((len(t), 3), dtype=np.int64)
+    w = np.empty((len(t), 3, 4))
+    dw = np.empty((len(t), 3, 4))
+    _k_bspline_weights(t, base, w, dw)
+    return base, w, dw
+
+
+def bspline_eval(coef, t):
+    coef = _grid(coef)
+    t, _ = _points64(t, "t")
+    out = np.empty((len(t), 3))
+    _k_bspline_eval(coef, t, out)
+    return out
+
+
+def bspline_eval_jacobian(coef, t):
+    coef = _grid(coef)
+    t, _ = _points64(t, "t")
+    out = np.empty((len(t), 3, 3))
+    _k_bspline_jacobian(coef, t, out)
+    return out
+
+
+def bspline_scatter(t, g, grid_shape):
+    gx, gy, gz = _ref._grid_shape(grid_shape)
+    t, _ = _points64(t, "t")
+    g = np.ascontiguousarray(np.asarray(g, dtype=np.float64).reshape(-1, 3))
+    if len(g) != len(t):
+        raise ConfigError(f"g must have one 3-vector per point: got {len(g)} vectors for {len(t)} points")
+    return _scatter(t, g, (gx, gy, gz), _scatter_chunks(len(t), gx * gy * gz))
+
+
+def bspline_dense(coef, shape, t0, dt, dtype=np.float64):
+    coef = _grid(coef)
+    (X, Y, Z), t0, dt, dtype = _ref._dense_args(shape, t0, dt, dtype)
+    out = np.empty((X, Y, Z, 3), dtype=dtype)
+    t2 = _k_dense_yz(coef, Y, Z, t0[1], t0[2], dt[1], dt[2])
+    ix, wx = _axis_taps(X, t0[0], dt[0], coef.shape[0])
+    _k_dense_x(t2, ix, wx, out)
+    return out
+
+
+@_pjit
+def _k_points_affine(idx, A, out):
+    for n in prange(idx.shape[0]):
+        x = np.float64(idx[n, 0])
+        y = np.float64(idx[n, 1])
+        z = np.float64(idx[n, 2])
+        for r in range(3):
+            out[n, r] = A[r, 0] * x + A[r, 1] * y + A[r, 2] * z + A[r, 3]
+
+
+def points_affine(idx, A):
+    pts, lead = _points64(idx, "idx")
+    A = _ref._matrix(A, (4, 4), "A")
+    out = np.empty((len(pts), 3))
+    _k_points_affine(pts, A, out)
+    return out.reshape(lead + (3,))
+
+
+@_pjit
+def _k_warp_sample(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, sink):
+    n = idx.shape[0]
+    for blk in prange(sink.shape[0]):
+        lo = blk * _BLOCK
+        hi = min(lo + _BLOCK, n)
+        for p in range(lo, hi):
+            x = idx[p, 0]
+            y = idx[p, 1]
+            z = idx[p, 2]
+            tx = A_f2grid[0, 0] * x + A_f2grid[0, 1] * y + A_f2grid[0, 2] * z + A_f2grid[0, 3]
+            ty = A_f2grid[1, 0] * x + A_f2grid[1, 1] * y + A_f2grid[1, 2] * z + A_f2grid[1, 3]
+            tz = A_f2grid[2, 0] * x + A_f2grid[2, 1] * y + A_f2grid[2, 2] * z + A_f2grid[2, 3]
+            u0, u1, u2 = _eval_point(bs_coef, tx, ty, tz)
+            m0 = A_f2m[0, 0] * x + A_f2m[0, 1] * y + A_f2m[0, 2] * z + A_f2m[0, 3]
+            m1 = A_f2m[1, 0] * x + A_f2m[1, 1] * y + A_f2m[1, 2] * z + A_f2m[1, 3]
+            m2 = A_f2m[2, 0] * x + A_f2m[2, 1] * y + A_f2m[2, 2] * z + A_f2m[2, 3]
+            moving[p, 0] = m0 + W2M[0, 0] * u0 + W2M[0, 1] * u1 + W2M[0, 2] * u2
+            moving[p, 1] = m1 + W2M[1, 0] * u0 + W2M[1, 1] * u1 + W2M[1, 2] * u2
+            moving[p, 2] = m2 + W2M[2, 0] * u0 + W2M[2, 1] * u1 + W2M[2, 2] * u2
+            t[p, 0] = tx
+            t[p, 1] = ty
+            t[p, 2] = tz
+        sink[blk] = _touch_rows(coef_img, moving, lo, hi)
+        for p in range(lo, hi):
+            v, g0, g1, g2 = _cubic_point(coef_img, moving[p, 0], moving[p, 1], moving[p, 2])
+            values[p] = v
+            grads[p, 0] = g0
+            grads[p, 1] = g1
+            grads[p, 2] = g2
+
+
+def warp_sample(coef_img, idx_fixed, A_f2m, bs_coef, A_f2grid, W2M):
+    coef_img = _float_volume(coef_img, "coef_img")
+    idx, _ = _points64(idx_fixed, "idx_fixed")
+    bs_coef = _grid(bs_coef)
+    A_f2m = _ref._matrix(A_f2m, (4, 4), "A_f2m")
+    A_f2grid = _ref._matrix(A_f2grid, (4, 4), "A_f2grid")
+    W2M = _ref._matrix(W2M, (3, 3), "W2M")
+    n = len(idx)
+    values = np.empty(n, dtype=coef_img.dtype)
+    grads = np.empty((n, 3), dtype=coef_img.dtype)
+    moving = np.empty((n, 3))
+    t = np.empty((n, 3))
+    _k_warp_sample(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, _sink(n))
+    return values, grads, moving, t
+
+
+for _name in __all__:
+    globals()[_name].__doc__ = getattr(_ref, _name).__doc__
+del _name

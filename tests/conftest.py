@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+
+def blob_volume(shape=(28, 30, 26), shift=(0.0, 0.0, 0.0), seed=0):
+    """A smooth synthetic volume (sum of Gaussian blobs) shifted by ``shift`` voxels."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    out = np.zeros(shape)
+    centres = rng.uniform(0.25, 0.75, size=(6, 3)) * np.array(shape)
+    for c, w in zip(centres, rng.uniform(0.5, 1.5, size=6)):
+        r2 = sum((g - ci - si) ** 2 for g, ci, si in zip(grids, c, shift))
+        out += w * np.exp(-r2 / (2 * 3.0**2))
+    return (100 * out).astype(np.float32)
+
+
+@pytest.fixture
+def write_nifti(tmp_path):
+    import nibabel as nib
+
+    def _write(name, data, affine=None):
+        p = tmp_path / name
+        nib.save(nib.Nifti1Image(np.asarray(data), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(p))
+        return p
+
+    return _write
