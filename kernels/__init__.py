@@ -7,6 +7,22 @@
 Every backend implements every operation with the same signature and results; the NumPy
 reference (``fastimpact.kernels.reference``) documents shapes, dtypes and coordinate conventions.
 Backends are imported on first lookup, so ``import fastimpact.kernels`` does not import numba.
+
+Operations (image ops take voxel indices, transform ops control-grid indices):
+
+=======================  ==================================================================
+cubic_sample             (coef, points) -> values (N,), d value / d index (N, 3); mirror edges
+cubic_sample_values      (coef, points, fill) -> values; resampling, fill outside
+linear_sample            (img, points, fill) -> values; resampling, fill outside
+nearest_sample           (img, points, fill) -> values in img's dtype; resampling
+bspline_weights          (t) -> base (N, 3) int64, w (N, 3, 4), dw (N, 3, 4)
+bspline_eval             (coef, t) -> u (N, 3)
+bspline_eval_jacobian    (coef, t) -> J (N, 3, 3), J[n, c, d] = d u_c / d t_d
+bspline_scatter          (t, g, grid_shape) -> (gx, gy, gz, 3); adjoint of bspline_eval
+bspline_dense            (coef, shape, t0, dt, dtype) -> (X, Y, Z, 3) on an axis-aligned grid
+points_affine            (idx, A) -> (N, 3) = idx @ A[:3, :3].T + A[:3, 3]
+warp_sample              fused: affine + B-spline warp of fixed voxels, then cubic_sample
+=======================  ==================================================================
 """
 
 import importlib

@@ -1,12 +1,18 @@
 """Numba CPU kernels (``parallel=True, cache=True``); same signatures and results as ``reference``.
 
-Each public function is a thin Python wrapper that checks shapes, makes arrays contiguous and
-allocates outputs; the ``_k_*`` functions are the compiled loops (``prange`` over points, voxels or
-point chunks). The scalar B-spline weights come from ``_bspline1d`` so the CUDA backend can compile
-the very same source. Arithmetic is float64 whatever the image dtype; outputs take the image dtype.
+Each public function is a thin Python wrapper that checks shapes, makes arrays contiguous (points
+become float64 (M, 3)) and allocates outputs; the ``_k_*`` functions are the compiled loops
+(``prange`` over points, blocks of points, voxel rows or point chunks). The scalar B-spline weights
+and boundary helpers come from ``_bspline1d`` so the CUDA backend can compile the same source.
+Arithmetic is float64 whatever the image dtype; outputs take the image dtype.
 
-Compiled code is cached next to this file (or in numba's user cache dir when that is read-only), so
-only the first process that meets a given dtype combination pays the compile time.
+Threads: all cores by default; ``numba.set_num_threads(k)`` limits them (per calling thread). On a
+machine shared with other busy processes, small (2000-point) parallel calls can stall for a
+scheduler time slice (~4 ms) waiting for a worker; one thread avoids that at ~2x the compute time.
+
+Compiled code is cached next to this file (or in numba's user cache dir when that is read-only),
+so only the first process that meets a given dtype combination pays the compile time (~1 s per
+kernel and dtype).
 """
 
 import math

@@ -420,3 +420,21 @@ def test_warp_sample_equals_composition(rng, image, grid, dtype):
         np.testing.assert_allclose(wg, g, atol=tol(dtype) * np.abs(g).max())
     with pytest.raises(ConfigError, match="W2M must be a 3x3"):
         get_kernel("warp_sample", "cpu")(coef, idx, A_f2m, grid, A_f2grid, np.eye(4))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3), (2, 3, 4), (4, 1, 5)])
+def test_tiny_images_match_scipy(rng, shape):
+    img = rng.standard_normal(shape)
+    coef = coef_of(img, np.float64)
+    pts = random_points(rng, shape, 200, margin=2.0)
+    expected = ndi.map_coordinates(coef, pts.T, order=3, mode="mirror", prefilter=False)
+    inside = np.all((pts >= -0.5) & (pts <= np.array(shape) - 0.5), axis=1)
+    for be in BACKENDS_RUN:
+        v, g = get_kernel("cubic_sample", be)(coef, pts)
+        np.testing.assert_allclose(v, expected, atol=1e-12)
+        assert np.isfinite(g).all()
+        vv = get_kernel("cubic_sample_values", be)(coef, pts, np.nan)
+        np.testing.assert_allclose(vv[inside], expected[inside], atol=1e-12)
+        assert np.isnan(vv[~inside]).all()
+        lin = get_kernel("linear_sample", be)(img, pts, np.nan)
+        np.testing.assert_allclose(lin[inside], ndi.map_coordinates(img, pts[inside].T, order=1, mode="nearest"))
