@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -223,18 +224,25 @@ def _elastix_worker(spec_path: str) -> None:
 
 
 def _parse_elastix_log(path: Path) -> list[dict]:
-    """Per-level times from elastix's log ("Time spent in resolution k ...: t")."""
+    """Per-level times from elastix's log ("Time spent in resolution k ...: t"); a new parameter
+    map (stage) starts whenever the level number goes back to 0."""
     if not path.is_file():
         return []
     text = path.read_text(errors="replace")
     out = []
     stage = -1
+    estimation = None
     for line in text.splitlines():
-        if "Running elastix with parameter map" in line:
-            stage += 1
+        m = re.search(r"Automatic parameter estimation took ([0-9.]+)s", line)
+        if m:
+            estimation = float(m.group(1))
         m = re.search(r"Time spent in resolution (\d+) \(ITK initialization and iterating\): ([0-9.]+)", line)
         if m:
-            out.append({"stage": max(stage, 0), "level": int(m.group(1)), "time_s": float(m.group(2))})
+            level = int(m.group(1))
+            stage += level == 0
+            out.append({"stage": stage, "level": level, "time_s": float(m.group(2)),
+                        "estimation_s": estimation})
+            estimation = None
         m = re.search(r"Stopping condition: (.*)", line)
         if m and out:
             out[-1]["stop"] = m.group(1).strip()
@@ -244,6 +252,19 @@ def _parse_elastix_log(path: Path) -> list[dict]:
 # -------------------------------------------------------------------------------------------------
 # running the tools
 # -------------------------------------------------------------------------------------------------
+
+
+def _timed_run(cmd, env, timeout):
+    """Run a command; return (CompletedProcess, wall seconds, CPU seconds user+sys of the child).
+
+    CPU time is less sensitive than wall time to other jobs sharing the machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, wall, cpu
 
 
 def _fastimpact_command() -> list[str]:
@@ -277,15 +298,13 @@ def run_elastix(fixed: Path, moving: Path, out: Path, maps, threads: int, timeou
                                 "maps": maps, "threads": threads, "result": str(result_file)}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--elastix-worker", str(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    wall = time.perf_counter() - t
+    proc, wall, cpu = _timed_run(cmd, env, timeout)
     log = out / "elastix.log"
     log.write_text(proc.stdout or "")
     info = json.loads(result_file.read_text()) if result_file.is_file() else {}
     ok = proc.returncode == 0 and info.get("status") == "ok"
     return {
-        "ok": ok, "wall_s": wall, "timings_s": info.get("timings_s", {}), "levels": _parse_elastix_log(log),
+        "ok": ok, "wall_s": wall, "cpu_s": cpu, "timings_s": info.get("timings_s", {}), "levels": _parse_elastix_log(log),
         "field": out / "displacement.nii.gz", "warped": out / "warped.nii.gz",
         "message": "" if ok else _failure_message(proc, log),
     }
@@ -305,9 +324,7 @@ def run_fastimpact(fixed: Path, moving: Path, out: Path, metric: str, args, thre
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     if numba_cache is not None:
         env["NUMBA_CACHE_DIR"] = str(numba_cache)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    wall = time.perf_counter() - t
+    proc, wall, cpu = _timed_run(cmd, env, timeout)
     info = _last_json_line(proc.stdout) or {}
     ok = proc.returncode == 0 and info.get("status") == "ok"
     levels = [
@@ -315,7 +332,7 @@ def run_fastimpact(fixed: Path, moving: Path, out: Path, metric: str, args, thre
         for lv in info.get("levels", [])
     ]
     return {
-        "ok": ok, "wall_s": wall, "timings_s": info.get("timings_s", {}), "levels": levels,
+        "ok": ok, "wall_s": wall, "cpu_s": cpu, "timings_s": info.get("timings_s", {}), "levels": levels,
         "field": out / "displacement.nii.gz", "warped": out / "warped.nii.gz",
         "message": "" if ok else _failure_message(proc), "command": " ".join(cmd),
     }
@@ -371,8 +388,13 @@ def _stage_summary(tool: str, r: dict) -> str:
                 ("bspline_stage", "bspline"), ("dense_field", "field"), ("warp", "warp"), ("write", "write")]
     parts = [f"{short} {float(t[k]):.1f}" for k, short in keys if k in t]
     if tool == "elastix" and r.get("levels"):
-        per = "/".join(f"{lv['time_s']:.1f}" for lv in r["levels"])
-        parts.append(f"levels {per}")
+        stages = sorted({lv["stage"] for lv in r["levels"]})
+        names = ["affine", "bspline"] if len(stages) == 2 else ["bspline"] * len(stages)
+        for st, name in zip(stages, names):
+            lvs = [lv for lv in r["levels"] if lv["stage"] == st]
+            per = "/".join(f"{lv['time_s']:.1f}" for lv in lvs)
+            est = sum(lv.get("estimation_s") or 0.0 for lv in lvs)
+            parts.append(f"{name} levels {per} (step estimation {est:.1f})")
     return ", ".join(parts)
 
 
@@ -385,7 +407,7 @@ def make_rows(records):
     for rec in records:
         err = rec.get("error") or {}
         rows.append([
-            rec["case"], rec["metric"], rec["tool"], rec["run"], _fmt(rec["wall_s"], 1),
+            rec["case"], rec["metric"], rec["tool"], rec["run"], _fmt(rec["wall_s"], 1), _fmt(rec.get("cpu_s"), 1),
             _stage_summary(rec["tool"], rec), _fmt(err.get("mean")), _fmt(err.get("p95")),
             _fmt(err.get("max")), _fmt(rec["initial"]["mean"]),
             "ok" if rec["ok"] else rec["message"],
@@ -393,7 +415,7 @@ def make_rows(records):
     return rows
 
 
-HEADER = ["case", "metric", "tool", "run", "wall s", "stage times s", "err mean", "err p95",
+HEADER = ["case", "metric", "tool", "run", "wall s", "cpu s", "stage times s", "err mean", "err p95",
           "err max", "init mean", "status"]
 
 
@@ -428,15 +450,20 @@ def ratio_rows(records):
         e_core = statistics.median(
             sum(r["timings_s"].get(k, 0.0) for k in ("load", "registration", "deformation_field", "write"))
             for r in el)
-        f_err = statistics.median(r["error"]["mean"] for r in fi if r.get("error"))
-        e_err = statistics.median(r["error"]["mean"] for r in el if r.get("error"))
+        f_cpu = statistics.median(r["cpu_s"] for r in fi)
+        e_cpu = statistics.median(r["cpu_s"] for r in el)
+        f_err = [r["error"]["mean"] for r in fi if r.get("error")]
+        e_err = [r["error"]["mean"] for r in el if r.get("error")]
         rows.append([case, metric, _fmt(f_wall, 1), _fmt(e_wall, 1), _fmt(f_wall / e_wall, 3),
-                     _fmt(e_core, 1), _fmt(f_wall / e_core, 3), _fmt(f_err), _fmt(e_err)])
+                     _fmt(e_core, 1), _fmt(f_wall / e_core, 3), _fmt(f_cpu / e_cpu, 3),
+                     _fmt(statistics.median(f_err)) if f_err else "-",
+                     _fmt(statistics.median(e_err)) if e_err else "-"])
     return rows
 
 
 RATIO_HEADER = ["case", "metric", "fastimpact wall s", "elastix wall s", "ratio",
-                "elastix w/o start-up s", "ratio w/o start-up", "fastimpact err mean", "elastix err mean"]
+                "elastix w/o start-up s", "ratio w/o start-up", "cpu ratio", "fastimpact err mean",
+                "elastix err mean"]
 
 
 def machine_info(threads: int) -> dict:

@@ -19,6 +19,7 @@ METRIC_NAMES = ("mse", "ncc", "mi")
 INIT_NAMES = ("moments", "geometry", "none")
 INTERPOLATIONS = ("cubic", "linear", "nearest")
 DEVICES = ("cpu", "cuda", "auto")
+ASGD_ESTIMATIONS = ("original", "displacement_distribution")
 PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
 
 
@@ -35,7 +36,10 @@ class RegistrationConfig:
     init: initial affine: moments (centres of mass), geometry (image centres) or none.
     bins: histogram bins of Mattes mutual information.
     bending_weight: weight of the bending-energy penalty added to the metric (0 = off).
-    max_step: ASGD maximum step length in mm (default: the level's mean voxel spacing).
+    max_step: ASGD maximum step length in mm (elastix's default: mean x/y spacing of the inputs).
+    asgd_estimation: ASGD automatic step estimation, elastix's "original" (Klein et al. 2009,
+        the default) or "displacement_distribution" (Qiao et al. 2016; calibrates the gain on one
+        gradient at the start, so it overshoots when a level starts near its optimum).
     interpolation: interpolation of the warped output image.
     seed: random seed; identical seeds give identical results on one machine.
     threads: CPU threads for the kernels (default: all cores).
@@ -53,6 +57,7 @@ class RegistrationConfig:
     bins: int = 32
     bending_weight: Any = 0.0
     max_step: float | None = None
+    asgd_estimation: str = "original"
     interpolation: str = "cubic"
     seed: int = 0
     threads: int | None = None
@@ -66,6 +71,7 @@ class RegistrationConfig:
         _choice("init", self.init, INIT_NAMES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         _choice("device", self.device, DEVICES)
+        _choice("asgd_estimation", self.asgd_estimation, ASGD_ESTIMATIONS)
         _int("levels", self.levels, 1, 8)
         _int("bins", self.bins, 4, 1024)
         _int("seed", self.seed, 0, 2**63 - 1)

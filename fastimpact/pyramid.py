@@ -32,27 +32,51 @@ def level_geometry(shape, affine, factor: float):
     return tuple(int(n) for n in new_shape), np.asarray(affine, float) @ to_orig, to_orig
 
 
-def downsample(image: Image, factor: int, *, is_mask: bool = False) -> Image:
-    """Smooth and resample ``image`` by an integer ``factor`` (1 returns the image as float32)."""
+def _smooth_sigma(factor: float) -> float:
+    """Target Gaussian sigma (original voxels) of a level: 0.5 f, none at the finest level."""
+    return 0.5 * factor if factor > 1 else 0.0
+
+
+def _resample(src: np.ndarray, src_to_orig: np.ndarray, shape, to_orig: np.ndarray, order: int) -> np.ndarray:
+    """Sample ``src`` (a level whose voxel i is original voxel src_to_orig i) on a coarser level."""
     from scipy import ndimage
 
-    if factor == 1:
-        data = image.data if is_mask else np.asarray(image.data, dtype=np.float32)
-        return image.with_data(data)
-    shape, affine, to_orig = level_geometry(image.shape, image.affine, factor)
-    if is_mask:
-        src = np.asarray(image.data > 0, dtype=np.float32)
-        order = 0
-    else:
-        src = ndimage.gaussian_filter(np.asarray(image.data, dtype=np.float32), sigma=0.5 * factor, mode="nearest", truncate=3.0)
-        order = 1
-    out = ndimage.affine_transform(
-        src, np.diag(to_orig[:3, :3]), offset=to_orig[:3, 3], output_shape=shape, order=order, mode="nearest",
-    )
-    if is_mask:
-        out = out > 0.5
-    return Image(out, affine)
+    m = np.linalg.solve(src_to_orig, to_orig)  # coarse voxel -> src voxel (diagonal + offset)
+    return ndimage.affine_transform(src, np.diag(m[:3, :3]), offset=m[:3, 3], output_shape=shape,
+                                    order=order, mode="nearest")
 
 
 def build_pyramid(image: Image, factors, *, is_mask: bool = False) -> list[Image]:
-    return [downsample(image, f, is_mask=is_mask) for f in factors]
+    """The levels of ``image`` for shrink ``factors`` (coarse to fine, e.g. [4, 2, 1]).
+
+    Images are computed as a cascade, finest first: each coarser level smooths the next finer
+    one by the missing sigma, sqrt(s(f)^2 - s(f_finer)^2), and resamples it (linear), so the
+    full-resolution volume is filtered once. Masks are resampled with nearest neighbour from
+    the original. Returns float32 images (masks: bool).
+    """
+    from scipy import ndimage
+
+    order = sorted(range(len(factors)), key=lambda i: factors[i])  # finest first
+    out: list[Image | None] = [None] * len(factors)
+    prev_data = np.asarray(image.data > 0) if is_mask else np.asarray(image.data, dtype=np.float32)
+    prev_to_orig, prev_factor = np.eye(4), 1
+    for i in order:
+        f = factors[i]
+        if f == 1:
+            out[i] = image.with_data(prev_data)
+            continue
+        shape, affine, to_orig = level_geometry(image.shape, image.affine, f)
+        if is_mask:
+            data = _resample(np.asarray(image.data > 0, dtype=np.float32), np.eye(4), shape, to_orig, 0) > 0.5
+        else:
+            extra = np.sqrt(max(_smooth_sigma(f) ** 2 - _smooth_sigma(prev_factor) ** 2, 0.0)) / prev_factor
+            smoothed = ndimage.gaussian_filter(prev_data, sigma=extra, mode="nearest", truncate=3.0)
+            data = _resample(smoothed, prev_to_orig, shape, to_orig, 1)
+            prev_data, prev_to_orig, prev_factor = data, to_orig, f
+        out[i] = Image(data, affine)
+    return out
+
+
+def downsample(image: Image, factor: int, *, is_mask: bool = False) -> Image:
+    """One pyramid level of ``image`` for an integer shrink ``factor``."""
+    return build_pyramid(image, [factor], is_mask=is_mask)[0]

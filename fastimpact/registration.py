@@ -187,24 +187,9 @@ def warp_image(moving: Image, reference: Image, displacement: np.ndarray, interp
     """
     from .kernels import get_kernel
 
-    ref_aff = reference.affine
     minv = np.linalg.inv(moving.affine)
-    # q = Minv (x + u) with x = R i: affine in i, plus Minv_lin u.
-    comp = minv @ ref_aff
-    shape = reference.shape
-    axes = [np.arange(n, dtype=np.float64) for n in shape]
-    q = np.empty(tuple(shape) + (3,), dtype=np.float64)
-    lin = minv[:3, :3]
-    for c in range(3):
-        q[..., c] = (
-            comp[c, 3]
-            + comp[c, 0] * axes[0][:, None, None]
-            + comp[c, 1] * axes[1][None, :, None]
-            + comp[c, 2] * axes[2][None, None, :]
-            + displacement[..., 0] * lin[c, 0]
-            + displacement[..., 1] * lin[c, 1]
-            + displacement[..., 2] * lin[c, 2]
-        )
+    # q = Minv (x + u) with x = R i: an affine map of the index plus Minv_lin u.
+    q = get_kernel("affine_grid", backend)(reference.shape, minv @ reference.affine, displacement, minv[:3, :3])
     data = moving.data
     if interpolation == "nearest":
         out = get_kernel("nearest_sample", backend)(np.ascontiguousarray(data), q, fill)
@@ -219,7 +204,7 @@ def warp_image(moving: Image, reference: Image, displacement: np.ndarray, interp
         raise ConfigError(f"interpolation={interpolation!r} is invalid: choose cubic, linear or nearest")
     if interpolation != "nearest" and np.issubdtype(data.dtype, np.integer):
         out = np.asarray(out, dtype=np.float32)
-    return Image(np.asarray(out), np.array(ref_aff))
+    return Image(np.asarray(out), np.array(reference.affine))
 
 
 def prefilter(data: np.ndarray) -> np.ndarray:
@@ -354,6 +339,21 @@ class CostFunction:
                 value += self.bending_weight * be
                 grad = grad + self.bending_weight * gbe.ravel()
         return float(value), grad
+
+    def max_displacement(self, step: np.ndarray) -> float:
+        """Upper bound (mm) of how far a parameter step moves any point of the fixed image box.
+
+        B-spline: the weights are non-negative and sum to one, so |u_d(x)| <= max |dc_d|.
+        Affine: the displacement is affine in x, so its maximum over the box is at a corner.
+        """
+        if self.stage == "bspline":
+            return float(np.linalg.norm(np.abs(step.reshape(-1, 3)).max(axis=0)))
+        if not hasattr(self, "_corners"):
+            shape = np.asarray(self.level.fixed.shape, dtype=np.float64) - 1.0
+            corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * shape
+            fa = self.fixed_affine
+            self._corners = corners @ fa[:3, :3].T + fa[:3, 3]
+        return float(np.linalg.norm(self.transform.affine.jacobian_apply(self._corners, step, self.radius), axis=1).max())
 
     # Jacobian probe for the optimiser's step estimation -------------------------------------
     def probe_points(self, n: int):
@@ -531,13 +531,18 @@ def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
 
 
 EXACT_GRADIENT_SAMPLES = 100_000  # elastix's NumberOfSamplesForExactGradient
+# A step that would move some point of the image further than this many maximum step lengths
+# (elastix's MaximumStepLength, default one voxel) is scaled down to that length. ASGD's
+# estimation aims at about one step length; the guard only stops a mis-estimated gain from
+# throwing the transform out of the image before the adaptive step size reacts.
+STEP_LIMIT = 3.0
 
 
-def _estimate_asgd(cost: CostFunction, iterations: int, max_step: float, seed: int):
-    """Automatic ASGD parameters at the level's start (elastix's "Original" method)."""
+def _estimate_asgd(cost: CostFunction, iterations: int, max_step: float, seed: int, method: str):
+    """Automatic ASGD parameters at the level's start (elastix's estimation methods)."""
     from .optimizers import ASGDSettings, default_n_jacobian_measurements, estimate_parameters, grid_sample_points
 
-    settings = ASGDSettings(iterations=iterations, max_step_mm=max_step)
+    settings = ASGDSettings(iterations=iterations, max_step_mm=max_step, method=method)
     lv = cost.level
     n_probe = default_n_jacobian_measurements(cost.n_params, settings)
     probe = grid_sample_points(lv.fixed.shape, n_probe, lv.fixed_mask).astype(np.float64)
@@ -565,17 +570,25 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
     from .optimizers import ASGD
 
     t0 = time.perf_counter()
-    settings, params = _estimate_asgd(cost, iterations, max_step, cfg.seed + 7919 * li)
+    settings, params = _estimate_asgd(cost, iterations, max_step, cfg.seed + 7919 * li, cfg.asgd_estimation)
     opt = ASGD.from_settings(settings, params)
     t_est = time.perf_counter() - t0
     theta = cost.get_parameters()
     values = np.empty(iterations)
+    limit = STEP_LIMIT * max_step
+    clipped = 0
     if callback:
         callback("level_start", {"stage": stage, "level": li, "iterations": iterations})
     for k in range(iterations):
         value, g = cost.evaluate()
         values[k] = value
-        theta = opt.step(theta, g)
+        new = opt.step(theta, g)
+        step = new - theta
+        moved = cost.max_displacement(step)
+        if moved > limit:  # safeguard: no single step moves a point further than STEP_LIMIT max steps
+            new = theta + step * (limit / moved)
+            clipped += 1
+        theta = new
         cost.set_parameters(theta)
         if callback:
             callback("iteration", {"stage": stage, "level": li, "iteration": k, "value": value})
@@ -591,6 +604,7 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
         "metric_end": float(values[-1]),
         "metric_end_mean10": float(values[-10:].mean()),
         "valid_samples_last": cost.last_valid,
+        "clipped_steps": clipped,
         "time_s": round(elapsed, 4),
         "estimation_time_s": round(t_est, 4),
         "asgd": {"a": params.a, "A": params.A, "alpha": params.alpha, "f_max": params.f_max,

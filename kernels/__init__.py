@@ -43,6 +43,7 @@ OPERATIONS = (
     "bspline_dense",
     "points_affine",
     "warp_sample",
+    "affine_grid",
 )
 
 # backend name -> module inside this package (None: reserved, not implemented yet)

@@ -723,6 +723,50 @@ def warp_sample(coef_img, idx_fixed, A_f2m, bs_coef, A_f2grid, W2M):
     return values, grads, moving, t
 
 
+
+
+@_pjit
+def _k_affine_grid(A, out):
+    X, Y, Z, _ = out.shape
+    for ij in prange(X * Y):
+        i = ij // Y
+        j = ij % Y
+        for r in range(3):
+            base = A[r, 0] * i + A[r, 1] * j + A[r, 3]
+            for k in range(Z):
+                out[i, j, k, r] = base + A[r, 2] * k
+
+
+@_pjit
+def _k_affine_grid_field(A, field, L, out):
+    X, Y, Z, _ = out.shape
+    for ij in prange(X * Y):
+        i = ij // Y
+        j = ij % Y
+        for k in range(Z):
+            f0 = np.float64(field[i, j, k, 0])
+            f1 = np.float64(field[i, j, k, 1])
+            f2 = np.float64(field[i, j, k, 2])
+            for r in range(3):
+                out[i, j, k, r] = (A[r, 0] * i + A[r, 1] * j + A[r, 2] * k + A[r, 3]
+                                   + L[r, 0] * f0 + L[r, 1] * f1 + L[r, 2] * f2)
+
+
+def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
+    shape = tuple(int(n) for n in shape)
+    A = _ref._matrix(A, (4, 4), "A")
+    out = np.empty(shape + (3,), dtype=dtype)
+    if field is None:
+        _k_affine_grid(A, out)
+        return out
+    L = _ref._matrix(L, (3, 3), "L")
+    field = np.ascontiguousarray(field)
+    if field.shape != shape + (3,):
+        raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
+    _k_affine_grid_field(A, field, L, out)
+    return out
+
+
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__
 del _name

@@ -39,6 +39,7 @@ __all__ = [
     "bspline_dense",
     "points_affine",
     "warp_sample",
+    "affine_grid",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -432,3 +433,25 @@ def warp_sample(coef_img, idx_fixed, A_f2m, bs_coef, A_f2grid, W2M):
     m = points_affine(idx, A_f2m) + u @ W2M.T
     values, grads = cubic_sample(coef_img, m)
     return values, grads, m, t
+
+
+def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
+    """Dense mapped coordinates of a voxel grid: ``A idx (+ L field[idx])``.
+
+    shape: (X, Y, Z) voxel grid; A: 4x4 homogeneous matrix applied to the voxel index (i, j, k);
+    field: optional (X, Y, Z, 3) vectors added through the 3x3 matrix ``L``.
+    Returns (X, Y, Z, 3) of ``dtype``. Used for the affine part of displacement fields
+    (A maps an index to a displacement) and for resampling (A maps a reference voxel to a moving
+    voxel index and L converts a world displacement to moving-index units).
+    """
+    shape = tuple(int(n) for n in shape)
+    A = _matrix(A, (4, 4), "A")
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    out = idx @ A[:3, :3].T + A[:3, 3]
+    if field is not None:
+        L = _matrix(L, (3, 3), "L")
+        f = np.asarray(field, dtype=np.float64)
+        if f.shape != shape + (3,):
+            raise ConfigError(f"field must have shape {shape + (3,)}, got {f.shape}; pass a field on the same grid")
+        out = out + f @ L.T
+    return out.astype(dtype, copy=False)

@@ -438,3 +438,21 @@ def test_tiny_images_match_scipy(rng, shape):
         assert np.isnan(vv[~inside]).all()
         lin = get_kernel("linear_sample", be)(img, pts, np.nan)
         np.testing.assert_allclose(lin[inside], ndi.map_coordinates(img, pts[inside].T, order=1, mode="nearest"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_grid_matches_reference(dtype):
+    r = np.random.default_rng(7)
+    shape = (45, 63, 37)
+    A = np.eye(4)
+    A[:3] = r.normal(size=(3, 4))
+    field = r.normal(size=shape + (3,)).astype(dtype)
+    L = r.normal(size=(3, 3))
+    for args in ((shape, A), (shape, A, field, L)):
+        got = get_kernel("affine_grid", "cpu")(*args, dtype=dtype)
+        want = get_kernel("affine_grid", "numpy")(*args, dtype=dtype)
+        assert got.dtype == dtype and got.shape == shape + (3,)
+        np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4 if dtype == np.float32 else 1e-10)
+    i, j, k = 4, 7, 9
+    expect = A[:3, :3] @ np.array([i, j, k]) + A[:3, 3] + L @ field[i, j, k].astype(np.float64)
+    np.testing.assert_allclose(get_kernel("affine_grid", "numpy")(shape, A, field, L)[i, j, k], expect, rtol=1e-6)

@@ -46,17 +46,9 @@ class CompositeTransform:
         affine = np.asarray(affine, dtype=np.float64)
         # Affine part: T_A(x) - x is affine in the voxel index: D idx + e.
         ta = self.affine.as_matrix() @ affine
-        lin = ta[:3, :3] - affine[:3, :3]
-        off = ta[:3, 3] - affine[:3, 3]
-        field = np.empty(shape + (3,), dtype=dtype)
-        axes = [np.arange(n, dtype=np.float64) for n in shape]
-        for c in range(3):
-            field[..., c] = (
-                off[c]
-                + lin[c, 0] * axes[0][:, None, None]
-                + lin[c, 1] * axes[1][None, :, None]
-                + lin[c, 2] * axes[2][None, None, :]
-            )
+        disp = np.eye(4)
+        disp[:3] = ta[:3] - affine[:3]
+        field = get_kernel("affine_grid", backend)(shape, disp, dtype=dtype)
         if self.coef is not None:
             i2g = self.grid.world_to_grid() @ affine
             lin_g = i2g[:3, :3]
@@ -64,6 +56,7 @@ class CompositeTransform:
                 u = get_kernel("bspline_dense", backend)(self.coef, shape, i2g[:3, 3].copy(), np.diag(lin_g).copy())
                 field += u.astype(dtype, copy=False)
             else:
+                axes = [np.arange(n, dtype=np.float64) for n in shape]
                 idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
                 t = np.ascontiguousarray(idx @ lin_g.T + i2g[:3, 3])
                 field += get_kernel("bspline_eval", backend)(self.coef, t).reshape(field.shape).astype(dtype, copy=False)
