@@ -31,6 +31,11 @@ __all__ = list(_ref.__all__)
 _jit = numba.njit(cache=True, nogil=True)
 _pjit = numba.njit(parallel=True, cache=True, nogil=True)
 
+# Per-iteration calls (a few thousand points) run single-threaded below this many points: a
+# parallel launch saves ~0.1 ms on an idle 2-core machine but can stall for milliseconds while
+# another process holds a core; the dense (whole-volume) operations stay parallel.
+SERIAL_BELOW = 16384
+
 _w4 = _jit(_b1.bspline3_weights)
 _dw4 = _jit(_b1.bspline3_weights_d1)
 _mirror_taps = _jit(_b1.mirror_taps)
@@ -293,7 +298,8 @@ def cubic_sample(coef, points):
     pts, _ = _points64(points)
     values = np.empty(len(pts), dtype=coef.dtype)
     grads = np.empty((len(pts), 3), dtype=coef.dtype)
-    _k_cubic_sample(coef, pts, values, grads, _sink(len(pts)))
+    kern = _k_cubic_sample if len(pts) >= SERIAL_BELOW else _k_cubic_sample_serial
+    kern(coef, pts, values, grads, _sink(len(pts)))
     return values, grads
 
 
@@ -626,7 +632,7 @@ def bspline_eval(coef, t):
     coef = _grid(coef)
     t, _ = _points64(t, "t")
     out = np.empty((len(t), 3))
-    _k_bspline_eval(coef, t, out)
+    (_k_bspline_eval if len(t) >= SERIAL_BELOW else _k_bspline_eval_serial)(coef, t, out)
     return out
 
 
@@ -766,6 +772,10 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
     _k_affine_grid_field(A, field, L, out)
     return out
 
+
+# Serial twins of the parallel point kernels (prange runs as range without parallel=True).
+_k_cubic_sample_serial = _jit(_k_cubic_sample.py_func)
+_k_bspline_eval_serial = _jit(_k_bspline_eval.py_func)
 
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__
