@@ -9,7 +9,8 @@ Both tools get the same configuration:
   [affine stage: 3 levels x 250 ASGD iterations, centre-of-mass initialisation]  (--affine, default)
   B-spline FFD, final control-point spacing 8 mm, doubled per coarser level (32 / 16 / 8 mm);
   3 levels, Gaussian smoothing (sigma 0.5 f voxels) + downsampling pyramid, f = 4 / 2 / 1;
-  ASGD with automatic parameter estimation, 500 iterations per level;
+  ASGD with automatic parameter estimation (elastix: --estimation Original, its default, or
+  DisplacementDistribution; pick the one fastimpact uses), 500 iterations per level;
   random coordinate sampler, 2000 samples, new samples every iteration; cubic B-spline image
   interpolation; MSE / NCC / Mattes MI with 32 bins; no masks (the error is measured inside the
   brain mask of the fixed image).
@@ -27,7 +28,8 @@ Examples::
     python benchmarks/bench_core.py --resolution 2mm      # quick
     python benchmarks/bench_core.py --tools elastix --metrics mi --cases mono,contrast
 
-Timings never sit in unit tests; this prints a table (and the same table as markdown for
+Timings depend on what else runs on the machine: the table shows CPU seconds next to wall
+seconds and the load average before and after. Timings never sit in unit tests; this prints a table (and the same table as markdown for
 benchmarks/RESULTS.md).
 """
 
@@ -204,20 +206,28 @@ def _elastix_worker(spec_path: str) -> None:
     tparams = elx.GetTransformParameterObject()
     timings["registration"] = time.perf_counter() - t
 
+    # transformix always writes deformationField.<ResultImageFormat> (nii.gz here) into its output
+    # directory (the current one if none is set): that file is elastix's field output, so it is
+    # not written a second time.
     t = time.perf_counter()
     tfx = transformix_type.New()
     tfx.SetMovingImage(moving)
     tfx.SetTransformParameterObject(tparams)
     tfx.ComputeDeformationFieldOn()
+    tfx.SetOutputDirectory(str(out))
+    tfx.SetLogToConsole(False)
     if hasattr(tfx, "SetNumberOfThreads"):
         tfx.SetNumberOfThreads(threads)
     tfx.Update()
-    field = tfx.GetOutputDeformationField()
+    written = sorted(out.glob("deformationField.nii*"))
+    if not written:  # an itk-elastix that keeps the field in memory only
+        itk.imwrite(tfx.GetOutputDeformationField(), str(out / "deformationField.nii.gz"))
+        written = [out / "deformationField.nii.gz"]
+    written[0].rename(out / ("displacement" + "".join(written[0].suffixes)))
     timings["deformation_field"] = time.perf_counter() - t
 
     t = time.perf_counter()
     itk.imwrite(result, str(out / "warped.nii.gz"))
-    itk.imwrite(field, str(out / "displacement.nii.gz"))
     timings["write"] = time.perf_counter() - t
     timings["total_in_process"] = time.perf_counter() - t0
     Path(spec["result"]).write_text(json.dumps({"status": "ok", "timings_s": timings, "itk_threads": threads}))
@@ -254,13 +264,17 @@ def _parse_elastix_log(path: Path) -> list[dict]:
 # -------------------------------------------------------------------------------------------------
 
 
-def _timed_run(cmd, env, timeout):
+def _timed_run(cmd, env, timeout, cwd=None):
     """Run a command; return (CompletedProcess, wall seconds, CPU seconds user+sys of the child).
 
     CPU time is less sensitive than wall time to other jobs sharing the machine."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        proc = subprocess.CompletedProcess(cmd, -9, out, f"timed out after {timeout:.0f} s (--timeout)")
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -298,7 +312,7 @@ def run_elastix(fixed: Path, moving: Path, out: Path, maps, threads: int, timeou
                                 "maps": maps, "threads": threads, "result": str(result_file)}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--elastix-worker", str(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-    proc, wall, cpu = _timed_run(cmd, env, timeout)
+    proc, wall, cpu = _timed_run(cmd, env, timeout, cwd=out)
     log = out / "elastix.log"
     log.write_text(proc.stdout or "")
     info = json.loads(result_file.read_text()) if result_file.is_file() else {}
@@ -500,6 +514,13 @@ def _csv(value: str, allowed) -> list[str]:
     return items
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: use an integer >= 1")
+    return n
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -510,20 +531,20 @@ def parse_args(argv=None):
     p.add_argument("--tools", type=lambda v: _csv(v, ("fastimpact", "elastix")),
                    default=["fastimpact", "elastix"], help="fastimpact,elastix")
     p.add_argument("--resolution", choices=("1mm", "2mm"), default="1mm")
-    p.add_argument("--iterations", type=int, default=500, help="B-spline ASGD iterations per level")
-    p.add_argument("--affine-iterations", type=int, default=250, help="affine ASGD iterations per level")
+    p.add_argument("--iterations", type=_positive_int, default=500, help="B-spline ASGD iterations per level")
+    p.add_argument("--affine-iterations", type=_positive_int, default=250, help="affine ASGD iterations per level")
     p.add_argument("--affine", action=argparse.BooleanOptionalAction, default=True,
                    help="affine stage before the B-spline stage in both tools (fastimpact's default: on)")
-    p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--levels", type=_positive_int, default=3)
+    p.add_argument("--samples", type=_positive_int, default=2000)
     p.add_argument("--grid-spacing", type=float, default=8.0)
-    p.add_argument("--bins", type=int, default=32)
+    p.add_argument("--bins", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0, help="case and sampler seed")
     p.add_argument("--estimation", choices=("Original", "DisplacementDistribution"), default="Original",
                    help="elastix ASGDParameterEstimationMethod (match fastimpact's; elastix default Original)")
     p.add_argument("--max-mm", type=float, default=10.0, help="largest true displacement in the brain")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per tool and pair")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both tools (default: all cores)")
+    p.add_argument("--repeat", type=_positive_int, default=1, help="timed runs per tool and pair")
+    p.add_argument("--threads", type=_positive_int, default=os.cpu_count(), help="threads for both tools (default: all cores)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run fastimpact once per pair with an empty numba cache first (reported as 'cold')")
     p.add_argument("--check-consistency", action=argparse.BooleanOptionalAction, default=True,

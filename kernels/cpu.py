@@ -527,6 +527,8 @@ _SCATTER_POINTS_PER_CELL = 0.25
 
 
 def _scatter_chunks(npts, grid_cells):
+    if npts < SERIAL_BELOW:
+        return 1
     threads = numba.get_num_threads()
     by_work = int(npts / max(_SCATTER_POINTS_PER_CELL * grid_cells, 1.0))
     return max(1, min(threads, by_work))
@@ -677,7 +679,7 @@ def points_affine(idx, A):
     pts, lead = _points64(idx, "idx")
     A = _ref._matrix(A, (4, 4), "A")
     out = np.empty((len(pts), 3))
-    _k_points_affine(pts, A, out)
+    (_k_points_affine if len(pts) >= SERIAL_BELOW else _k_points_affine_serial)(pts, A, out)
     return out.reshape(lead + (3,))
 
 
@@ -725,7 +727,8 @@ def warp_sample(coef_img, idx_fixed, A_f2m, bs_coef, A_f2grid, W2M):
     grads = np.empty((n, 3), dtype=coef_img.dtype)
     moving = np.empty((n, 3))
     t = np.empty((n, 3))
-    _k_warp_sample(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, _sink(n))
+    kern = _k_warp_sample if n >= SERIAL_BELOW else _k_warp_sample_serial
+    kern(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, _sink(n))
     return values, grads, moving, t
 
 
@@ -776,6 +779,8 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
 # Serial twins of the parallel point kernels (prange runs as range without parallel=True).
 _k_cubic_sample_serial = _jit(_k_cubic_sample.py_func)
 _k_bspline_eval_serial = _jit(_k_bspline_eval.py_func)
+_k_warp_sample_serial = _jit(_k_warp_sample.py_func)
+_k_points_affine_serial = _jit(_k_points_affine.py_func)
 
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__

@@ -33,7 +33,7 @@ def _setup(metric, stage, backend, bending_weight=0.0):
     cost = CostFunction(lv, m, sampler, tr, stage, backend, bending, bending_weight, radius=30.0)
     flat, idx = sampler.draw()
     # keep points well inside the moving image so no point crosses the boundary under perturbation
-    _, _, q = cost._map(idx)
+    _, _, q, _ = cost._map(idx)
     inner = np.all((q > 1.0) & (q < np.array(moving.shape) - 2.0), axis=1)
     return cost, flat[inner], idx[inner]
 
