@@ -35,6 +35,18 @@ _pjit = numba.njit(parallel=True, cache=True, nogil=True)
 # parallel launch saves ~0.1 ms on an idle 2-core machine but can stall for milliseconds while
 # another process holds a core; the dense (whole-volume) operations stay parallel.
 SERIAL_BELOW = 16384
+_SERIAL_TWINS = {}
+
+
+def _pick(kernel, n):
+    """``kernel`` for n >= SERIAL_BELOW points, else its single-threaded twin (compiled once from
+    the same source: prange runs as range without parallel=True)."""
+    if n >= SERIAL_BELOW:
+        return kernel
+    twin = _SERIAL_TWINS.get(kernel)
+    if twin is None:
+        twin = _SERIAL_TWINS[kernel] = _jit(kernel.py_func)
+    return twin
 
 _w4 = _jit(_b1.bspline3_weights)
 _dw4 = _jit(_b1.bspline3_weights_d1)
@@ -166,39 +178,8 @@ def _cubic_value(coef, x, y, z):
     return val
 
 
-# Points per block of the two-pass sampling loops (touch pass, then compute pass).
+# Points per block of the sampling loops (one prange iteration each).
 _BLOCK = 64
-
-
-@_jit
-def _touch_rows(coef, pts, lo, hi):
-    """Load both ends of the 16 coefficient rows each point in pts[lo:hi] will read.
-
-    Random samples in an image larger than the caches miss on almost every row. This loop has
-    no long dependency chains, so the CPU keeps many of those misses in flight at once; the
-    compute pass that follows then finds the rows in cache. Measured ~2x faster for 2000
-    random points in a 197x233x189 float32 image. Indices are clamped (a hint only, never out
-    of bounds); the returned sum exists so the loads are not optimised away.
-    """
-    nx, ny, nz = coef.shape
-    acc = 0.0
-    for p in range(lo, hi):
-        x = pts[p, 0]
-        y = pts[p, 1]
-        z = pts[p, 2]
-        if not _finite3(x, y, z):
-            continue
-        i = int(math.floor(x)) - 1
-        j = int(math.floor(y)) - 1
-        k = int(math.floor(z)) - 1
-        k0 = min(max(k, 0), nz - 1)
-        k3 = min(max(k + 3, 0), nz - 1)
-        for a in range(4):
-            ii = min(max(i + a, 0), nx - 1)
-            for b in range(4):
-                jj = min(max(j + b, 0), ny - 1)
-                acc += np.float64(coef[ii, jj, k0]) + np.float64(coef[ii, jj, k3])
-    return acc
 
 
 @_pjit
@@ -207,7 +188,6 @@ def _k_cubic_sample(coef, pts, values, grads, sink):
     for blk in prange(sink.shape[0]):
         lo = blk * _BLOCK
         hi = min(lo + _BLOCK, n)
-        sink[blk] = _touch_rows(coef, pts, lo, hi)
         for p in range(lo, hi):
             v, gx, gy, gz = _cubic_point(coef, pts[p, 0], pts[p, 1], pts[p, 2])
             values[p] = v
@@ -235,7 +215,6 @@ def _k_cubic_values(coef, pts, fill, out, sink):
     for blk in prange(sink.shape[0]):
         lo = blk * _BLOCK
         hi = min(lo + _BLOCK, n)
-        sink[blk] = _touch_rows(coef, pts, lo, hi)
         for p in range(lo, hi):
             x = np.float64(pts[p, 0])
             y = np.float64(pts[p, 1])
@@ -298,8 +277,7 @@ def cubic_sample(coef, points):
     pts, _ = _points64(points)
     values = np.empty(len(pts), dtype=coef.dtype)
     grads = np.empty((len(pts), 3), dtype=coef.dtype)
-    kern = _k_cubic_sample if len(pts) >= SERIAL_BELOW else _k_cubic_sample_serial
-    kern(coef, pts, values, grads, _sink(len(pts)))
+    _pick(_k_cubic_sample, len(pts))(coef, pts, values, grads, _sink(len(pts)))
     return values, grads
 
 
@@ -307,7 +285,7 @@ def cubic_sample_values(coef, points, fill=0.0):
     coef = _float_volume(coef, "coef")
     pts, lead = _points64(points)
     out = np.empty(len(pts), dtype=coef.dtype)
-    _k_cubic_values(coef, pts, float(fill), out, _sink(len(pts)))
+    _pick(_k_cubic_values, len(pts))(coef, pts, float(fill), out, _sink(len(pts)))
     return out.reshape(lead)
 
 
@@ -317,7 +295,7 @@ def linear_sample(img, points, fill=0.0):
         img = img.view(np.uint8)
     pts, lead = _points64(points)
     out = np.empty(len(pts), dtype=_float_out_dtype(img.dtype))
-    _k_linear(img, pts, float(fill), out)
+    _pick(_k_linear, len(pts))(img, pts, float(fill), out)
     return out.reshape(lead)
 
 
@@ -327,7 +305,7 @@ def nearest_sample(img, points, fill=0):
     out = np.empty(len(pts), dtype=img.dtype)
     work = out.view(np.uint8) if img.dtype == np.bool_ else out
     src = img.view(np.uint8) if img.dtype == np.bool_ else img
-    _k_nearest(src, pts, np.asarray(fill).astype(src.dtype)[()], work)
+    _pick(_k_nearest, len(pts))(src, pts, np.asarray(fill).astype(src.dtype)[()], work)
     return out.reshape(lead)
 
 
@@ -626,7 +604,7 @@ def bspline_weights(t):
     base = np.empty((len(t), 3), dtype=np.int64)
     w = np.empty((len(t), 3, 4))
     dw = np.empty((len(t), 3, 4))
-    _k_bspline_weights(t, base, w, dw)
+    _pick(_k_bspline_weights, len(t))(t, base, w, dw)
     return base, w, dw
 
 
@@ -634,7 +612,7 @@ def bspline_eval(coef, t):
     coef = _grid(coef)
     t, _ = _points64(t, "t")
     out = np.empty((len(t), 3))
-    (_k_bspline_eval if len(t) >= SERIAL_BELOW else _k_bspline_eval_serial)(coef, t, out)
+    _pick(_k_bspline_eval, len(t))(coef, t, out)
     return out
 
 
@@ -642,7 +620,7 @@ def bspline_eval_jacobian(coef, t):
     coef = _grid(coef)
     t, _ = _points64(t, "t")
     out = np.empty((len(t), 3, 3))
-    _k_bspline_jacobian(coef, t, out)
+    _pick(_k_bspline_jacobian, len(t))(coef, t, out)
     return out
 
 
@@ -679,7 +657,7 @@ def points_affine(idx, A):
     pts, lead = _points64(idx, "idx")
     A = _ref._matrix(A, (4, 4), "A")
     out = np.empty((len(pts), 3))
-    (_k_points_affine if len(pts) >= SERIAL_BELOW else _k_points_affine_serial)(pts, A, out)
+    _pick(_k_points_affine, len(pts))(pts, A, out)
     return out.reshape(lead + (3,))
 
 
@@ -706,7 +684,6 @@ def _k_warp_sample(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, 
             t[p, 0] = tx
             t[p, 1] = ty
             t[p, 2] = tz
-        sink[blk] = _touch_rows(coef_img, moving, lo, hi)
         for p in range(lo, hi):
             v, g0, g1, g2 = _cubic_point(coef_img, moving[p, 0], moving[p, 1], moving[p, 2])
             values[p] = v
@@ -727,8 +704,7 @@ def warp_sample(coef_img, idx_fixed, A_f2m, bs_coef, A_f2grid, W2M):
     grads = np.empty((n, 3), dtype=coef_img.dtype)
     moving = np.empty((n, 3))
     t = np.empty((n, 3))
-    kern = _k_warp_sample if n >= SERIAL_BELOW else _k_warp_sample_serial
-    kern(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, _sink(n))
+    _pick(_k_warp_sample, n)(coef_img, idx, A_f2m, bs_coef, A_f2grid, W2M, values, grads, moving, t, _sink(n))
     return values, grads, moving, t
 
 
@@ -775,12 +751,6 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
     _k_affine_grid_field(A, field, L, out)
     return out
 
-
-# Serial twins of the parallel point kernels (prange runs as range without parallel=True).
-_k_cubic_sample_serial = _jit(_k_cubic_sample.py_func)
-_k_bspline_eval_serial = _jit(_k_bspline_eval.py_func)
-_k_warp_sample_serial = _jit(_k_warp_sample.py_func)
-_k_points_affine_serial = _jit(_k_points_affine.py_func)
 
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__

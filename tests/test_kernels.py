@@ -81,7 +81,7 @@ def test_cpu_kernels_load_from_cache_in_a_new_process():
         from fastimpact.kernels import cpu
         coef = np.zeros((5, 6, 7))
         cpu.cubic_sample(coef, np.ones((3, 3)))
-        stats = cpu._k_cubic_sample_serial.stats
+        stats = cpu._pick(cpu._k_cubic_sample, 3).stats
         print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
         """
     )
