@@ -159,3 +159,24 @@ def test_config_file_and_override(pair, tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["metric"] == "mi" and rep["config"]["iterations"] == [15]
     assert [s["stage"] for s in rep["stages"]] == ["bspline"]
+
+
+def test_displacement_field_maps_points_like_fastimpact_in_simpleitk(pair, tmp_path, capsys):
+    """SimpleITK reads displacement.nii.gz as a displacement-field transform that maps fixed
+    points (LPS) to the moving points fastimpact's own transform gives."""
+    import SimpleITK as sitk
+
+    from fastimpact.apply import load_transform
+    from fastimpact.io import lps_to_ras, ras_to_lps
+
+    out = tmp_path / "o"
+    assert run(["register", *pair, "-o", out, *FAST], capsys)[0] == 0
+    transform, ref = load_transform(out / "transform.json")
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    tx = sitk.DisplacementFieldTransform(field)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(2, np.array(ref.shape) - 2, size=(20, 3)).astype(float)  # voxel centres
+    x = idx @ ref.affine[:3, :3].T + ref.affine[:3, 3]
+    ours = transform.map_world(x)
+    theirs = np.array([tx.TransformPoint(tuple(p)) for p in ras_to_lps(x)])
+    np.testing.assert_allclose(lps_to_ras(theirs), ours, atol=1e-3)  # float32 field
