@@ -141,9 +141,9 @@ def save_outputs(result: Result, outdir, *, force=False, fixed_name=None, moving
 
     from .io import output_dir, save_displacement_itk, save_image
 
-    t0 = time.perf_counter()
     disp = result.displacement
     warped = result.warped
+    t0 = time.perf_counter()
     paths = {}
     with output_dir(outdir, force=force, names=list(OUTPUT_NAMES)) as tmp:
         tmp = Path(tmp)
@@ -256,9 +256,11 @@ class CostFunction:
         self.bending_weight = float(bending_weight)
         self.radius = radius
         self.level_index = level_index
-        self.k_cubic = get_kernel("cubic_sample", backend)
-        self.k_warp = get_kernel("warp_sample", backend)
-        self.k_affine_points = get_kernel("points_affine", backend)
+        self.backend = backend
+        self.k_pairs = get_kernel("sample_pairs", backend)
+        from .kernels import cpu as _cpu  # host-side helper (the parameters live on the host)
+
+        self.k_absmax3 = _cpu.absmax3
         self.k_scatter = get_kernel("bspline_scatter", backend)
         fa = level.fixed.affine
         self.fixed_affine = fa
@@ -284,40 +286,26 @@ class CostFunction:
         return 12 if self.stage == "affine" else self.transform.coef.size
 
     # evaluation -----------------------------------------------------------------------------
-    def _map(self, idx: np.ndarray):
-        """Moving values, their gradients w.r.t. the moving index, moving indices q and grid
-        indices t (B-spline stage) of fixed voxel indices ``idx`` (one fused kernel call)."""
-        minv = self.level.moving_inv
+    def _pairs(self, flat: np.ndarray):
+        """(f, m, gy, pts, keep) of fixed voxels ``flat``: see kernels.reference.sample_pairs."""
+        lv = self.level
+        minv = lv.moving_inv
         f2m = minv @ self.transform.affine.as_matrix() @ self.fixed_affine  # fixed voxel -> moving voxel
         if self.stage == "bspline":
-            m, gq, q, t = self.k_warp(self.level.moving_coef, idx, f2m, self.transform.coef, self.idx_to_grid,
-                                      minv[:3, :3])
-            return m, gq, q, t
-        q = self.k_affine_points(idx, f2m)
-        m, gq = self.k_cubic(self.level.moving_coef, q)
-        return m, gq, q, None
-
-    def _valid(self, q: np.ndarray) -> np.ndarray:
-        lv = self.level
-        ok = np.all((q >= 0.0) & (q <= lv.moving_hi), axis=1)
-        if lv.moving_mask is not None and ok.any():
-            r = np.rint(q[ok]).astype(np.intp)
-            inside = lv.moving_mask[r[:, 0], r[:, 1], r[:, 2]] > 0
-            ok[np.flatnonzero(ok)[~inside]] = False
-        return ok
+            return self.k_pairs(flat, lv.fixed_values, lv.fixed.shape, f2m, lv.moving_coef, lv.moving_mask,
+                                self.transform.coef, self.idx_to_grid, minv[:3, :3])
+        return self.k_pairs(flat, lv.fixed_values, lv.fixed.shape, f2m, lv.moving_coef, lv.moving_mask,
+                            None, None, minv[:3, :3])
 
     def evaluate(self, *, n_samples: int | None = None, gradient: bool = True):
         """Draw fresh samples; return (value, gradient w.r.t. the parameters or None)."""
-        flat, idx = self.sampler.draw(n_samples)
-        return self.evaluate_at(flat, idx, gradient=gradient)
+        return self.evaluate_at(self.sampler.draw_flat(n_samples), gradient=gradient)
 
-    def evaluate_at(self, flat: np.ndarray, idx: np.ndarray, *, gradient: bool = True):
-        """Value and gradient at given fixed voxels (flat indices (N,) and voxel indices (N, 3))."""
-        m, gq, q, t = self._map(idx)
-        ok = self._valid(q)
-        n_ok = int(ok.sum())
+    def evaluate_at(self, flat: np.ndarray, *, gradient: bool = True):
+        """Value and gradient at given fixed voxels (flat indices (N,) of the level's fixed image)."""
+        f, m, gy, pts, _ = self._pairs(flat)
+        n_ok, n = len(f), len(flat)
         self.last_valid = n_ok
-        n = len(flat)
         if n_ok < max(MIN_VALID_POINTS, MIN_VALID_FRACTION * n):
             raise RegistrationError(
                 f"only {n_ok} of {n} sample points map inside the moving image"
@@ -325,45 +313,41 @@ class CostFunction:
                 f"{self.level_index + 1}): the images are probably far apart or the masks disjoint; check the "
                 "image orientations, keep the affine initialisation on, or fix the masks"
             )
-        all_ok = n_ok == n
-        f = self.level.fixed_values[flat if all_ok else flat[ok]]
-        if not all_ok:
-            m, gq = m[ok], gq[ok]
+        bend = self.bending is not None and self.bending_weight > 0
         if not gradient:
             value = self.metric.value(f, m)
-            if self.bending is not None and self.bending_weight > 0:
+            if bend:
                 value += self.bending_weight * self.bending.value_and_gradient(self.transform.coef)[0]
             return float(value), None
         value, dm = self.metric.value_and_derivative(f, m)
-        # dm/dy = Minv_lin^T dm/dq  ->  row form gq @ Minv_lin
-        gy = (dm[:, None] * gq) @ self.level.moving_inv[:3, :3]
+        gy *= dm[:, None]  # d value / d moving point, world mm
         if self.stage == "affine":
             fa = self.fixed_affine
-            x = (idx if all_ok else idx[ok]) @ fa[:3, :3].T + fa[:3, 3]
-            grad = self.transform.affine.gradient_from_points(x, gy, self.radius)
+            grad = self.transform.affine.gradient_from_points(pts @ fa[:3, :3].T + fa[:3, 3], gy, self.radius)
         else:
-            tv = t if all_ok else np.ascontiguousarray(t[ok])
-            grad = self.k_scatter(tv, np.ascontiguousarray(gy), self.transform.grid.shape).ravel()
-            if self.bending is not None and self.bending_weight > 0:
+            if getattr(self, "_grad_buf", None) is None or self._grad_buf.shape[:3] != tuple(self.transform.grid.shape):
+                self._grad_buf = np.empty(tuple(self.transform.grid.shape) + (3,))
+            grad = self.k_scatter(pts, gy, self.transform.grid.shape, out=self._grad_buf).ravel()
+            if bend:
                 be, gbe = self.bending.value_and_gradient(self.transform.coef)
                 value += self.bending_weight * be
-                grad = grad + self.bending_weight * gbe.ravel()
+                grad += self.bending_weight * gbe.ravel()
         return float(value), grad
 
-    def max_displacement(self, step: np.ndarray) -> float:
-        """Upper bound (mm) of how far a parameter step moves any point of the fixed image box.
+    def max_displacement(self, direction: np.ndarray) -> float:
+        """Upper bound (mm) of how far a parameter step ``direction`` moves any point of the box.
 
         B-spline: the weights are non-negative and sum to one, so |u_d(x)| <= max |dc_d|.
         Affine: the displacement is affine in x, so its maximum over the box is at a corner.
         """
         if self.stage == "bspline":
-            return float(np.linalg.norm(np.abs(step.reshape(-1, 3)).max(axis=0)))
+            return float(np.linalg.norm(self.k_absmax3(direction)))
         if not hasattr(self, "_corners"):
             shape = np.asarray(self.level.fixed.shape, dtype=np.float64) - 1.0
             corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * shape
             fa = self.fixed_affine
             self._corners = corners @ fa[:3, :3].T + fa[:3, 3]
-        return float(np.linalg.norm(self.transform.affine.jacobian_apply(self._corners, step, self.radius), axis=1).max())
+        return float(np.linalg.norm(self.transform.affine.jacobian_apply(self._corners, direction, self.radius), axis=1).max())
 
     # Jacobian probe for the optimiser's step estimation -------------------------------------
     def probe_points(self, n: int):
@@ -531,7 +515,7 @@ def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
         return SparseJacobian(np.broadcast_to(np.arange(12), (len(idx), 12)), vals, 12)
     g = cost.idx_to_grid
     t = np.ascontiguousarray(idx @ g[:3, :3].T + g[:3, 3])
-    base, w, _ = get_kernel("bspline_weights", "numpy")(t)
+    base, w, _ = get_kernel("bspline_weights", cost.backend)(t)
     gx, gy, gz = cost.transform.grid.shape
     a = np.arange(4)
     ix = np.clip(base[:, 0, None] + a, 0, gx - 1)
@@ -563,16 +547,16 @@ def _estimate_asgd(cost: CostFunction, iterations: int, max_step: float, seed: i
     jac = _probe_jacobian(cost, probe)
     exact_idx = grid_sample_points(lv.fixed.shape, EXACT_GRADIENT_SAMPLES, lv.fixed_mask)
     exact_flat = np.ravel_multi_index(tuple(exact_idx.T), lv.fixed.shape)
-    exact_idx = exact_idx.astype(np.float64)
     theta0 = cost.get_parameters()
 
+    # copies: the cost function reuses one gradient buffer between calls
     def gradient(theta, _seed):
         cost.set_parameters(theta)
-        return cost.evaluate()[1]
+        return cost.evaluate()[1].copy()
 
     def exact_gradient(theta):
         cost.set_parameters(theta)
-        return cost.evaluate_at(exact_flat, exact_idx)[1]
+        return cost.evaluate_at(exact_flat)[1].copy()
 
     params = estimate_parameters(settings, jac, theta0, gradient, exact_gradient=exact_gradient, rng=seed)
     cost.set_parameters(theta0)
@@ -596,13 +580,13 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
     for k in range(iterations):
         value, g = cost.evaluate()
         values[k] = value
-        new = opt.step(theta, g)
-        step = new - theta
-        moved = cost.max_displacement(step)
-        if moved > limit:  # safeguard: no single step moves a point further than STEP_LIMIT max steps
-            new = theta + step * (limit / moved)
+        # safeguard: no single step moves a point further than STEP_LIMIT maximum step lengths
+        moved = opt.params.gain(opt.time) * cost.max_displacement(g)
+        scale = 1.0
+        if moved > limit:
+            scale = limit / moved
             clipped += 1
-        theta = new
+        opt.step_inplace(theta, g, scale)
         cost.set_parameters(theta)
         if callback:
             callback("iteration", {"stage": stage, "level": li, "iteration": k, "value": value})

@@ -31,8 +31,11 @@ class RandomSampler:
         self.rng = np.random.Generator(np.random.Philox(key=key))
 
     def draw_flat(self, n: int | None = None) -> np.ndarray:
+        """``n`` flat voxel indices, sorted: the metric does not depend on the order, and sorted
+        points read the images in memory order (about twice as fast on a 1 mm brain)."""
         n = self.n_samples if n is None else n
         pick = self.rng.integers(0, self.n_total, size=n)
+        pick.sort()  # candidates are increasing, so this sorts the voxel indices too
         return pick if self.candidates is None else self.candidates[pick]
 
     def draw(self, n: int | None = None):

@@ -44,6 +44,7 @@ OPERATIONS = (
     "points_affine",
     "warp_sample",
     "affine_grid",
+    "sample_pairs",
 )
 
 # backend name -> module inside this package (None: reserved, not implemented yet)

@@ -624,13 +624,23 @@ def bspline_eval_jacobian(coef, t):
     return out
 
 
-def bspline_scatter(t, g, grid_shape):
+def bspline_scatter(t, g, grid_shape, out=None):
     gx, gy, gz = _ref._grid_shape(grid_shape)
     t, _ = _points64(t, "t")
     g = np.ascontiguousarray(np.asarray(g, dtype=np.float64).reshape(-1, 3))
     if len(g) != len(t):
         raise ConfigError(f"g must have one 3-vector per point: got {len(g)} vectors for {len(t)} points")
-    return _scatter(t, g, (gx, gy, gz), _scatter_chunks(len(t), gx * gy * gz))
+    nchunks = _scatter_chunks(len(t), gx * gy * gz)
+    if out is None or nchunks > 1:
+        res = _scatter(t, g, (gx, gy, gz), nchunks)
+        if out is None:
+            return res
+        out[...] = res
+        return out
+    _ref._check_out(out, (gx, gy, gz, 3))
+    out.fill(0.0)  # reusing the caller's buffer avoids a fresh (page-faulting) grid per call
+    _scatter_range(t, g, 0, len(t), out)
+    return out
 
 
 def bspline_dense(coef, shape, t0, dt, dtype=np.float64):
@@ -750,6 +760,104 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
         raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
     _k_affine_grid_field(A, field, L, out)
     return out
+
+
+@_pjit
+def _k_sample_pairs(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
+                    f_out, m_out, gy_out, pts_out, keep, compact):
+    """With ``compact`` (the serial twin only) kept points are packed in input order and their
+    count returned; otherwise (parallel, large N) every row is written and the caller packs."""
+    mx, my, mz = mcoef.shape
+    k = 0
+    for p in prange(flat.shape[0]):
+        fi = flat[p]
+        i = fi // (ny * nz)
+        r = fi - i * ny * nz
+        j = r // nz
+        kk = r - j * nz
+        x = np.float64(i)
+        y = np.float64(j)
+        z = np.float64(kk)
+        q0 = f2m[0, 0] * x + f2m[0, 1] * y + f2m[0, 2] * z + f2m[0, 3]
+        q1 = f2m[1, 0] * x + f2m[1, 1] * y + f2m[1, 2] * z + f2m[1, 3]
+        q2 = f2m[2, 0] * x + f2m[2, 1] * y + f2m[2, 2] * z + f2m[2, 3]
+        if use_bs:
+            tx = f2g[0, 0] * x + f2g[0, 1] * y + f2g[0, 2] * z + f2g[0, 3]
+            ty = f2g[1, 0] * x + f2g[1, 1] * y + f2g[1, 2] * z + f2g[1, 3]
+            tz = f2g[2, 0] * x + f2g[2, 1] * y + f2g[2, 2] * z + f2g[2, 3]
+            u0, u1, u2 = _eval_point(bs, tx, ty, tz)
+            q0 += w2m[0, 0] * u0 + w2m[0, 1] * u1 + w2m[0, 2] * u2
+            q1 += w2m[1, 0] * u0 + w2m[1, 1] * u1 + w2m[1, 2] * u2
+            q2 += w2m[2, 0] * u0 + w2m[2, 1] * u1 + w2m[2, 2] * u2
+        else:
+            tx = x
+            ty = y
+            tz = z
+        ok = q0 >= 0.0 and q0 <= mx - 1.0 and q1 >= 0.0 and q1 <= my - 1.0 and q2 >= 0.0 and q2 <= mz - 1.0
+        if ok and use_mask:
+            ok = mmask[int(math.floor(q0 + 0.5)), int(math.floor(q1 + 0.5)), int(math.floor(q2 + 0.5))] != 0
+        keep[p] = ok
+        if not ok:
+            continue
+        if not compact:
+            k = p
+        v, g0, g1, g2 = _cubic_point(mcoef, q0, q1, q2)
+        f_out[k] = fvals[fi]
+        m_out[k] = v
+        gy_out[k, 0] = w2m[0, 0] * g0 + w2m[1, 0] * g1 + w2m[2, 0] * g2
+        gy_out[k, 1] = w2m[0, 1] * g0 + w2m[1, 1] * g1 + w2m[2, 1] * g2
+        gy_out[k, 2] = w2m[0, 2] * g0 + w2m[1, 2] * g1 + w2m[2, 2] * g2
+        pts_out[k, 0] = tx
+        pts_out[k, 1] = ty
+        pts_out[k, 2] = tz
+        if compact:
+            k += 1
+    return k
+
+
+@_jit
+def absmax3(v):
+    """Per-component maximum of |v| for v viewed as (n, 3): the displacement bound of a B-spline
+    coefficient step (the weights are non-negative and sum to one)."""
+    m0 = 0.0
+    m1 = 0.0
+    m2 = 0.0
+    for i in range(0, v.shape[0] - 2, 3):
+        m0 = max(m0, abs(v[i]))
+        m1 = max(m1, abs(v[i + 1]))
+        m2 = max(m2, abs(v[i + 2]))
+    return m0, m1, m2
+
+
+_NO_MASK = np.ones((1, 1, 1), dtype=np.uint8)
+_NO_GRID = np.zeros((1, 1, 1, 3))
+
+
+def sample_pairs(flat, fixed_values, fixed_shape, f2m, moving_coef, moving_mask=None, bs_coef=None, f2grid=None,
+                 w2m=None):
+    flat = np.ascontiguousarray(flat, dtype=np.int64)
+    fvals = np.asarray(fixed_values).ravel()
+    mcoef = _float_volume(moving_coef, "moving_coef")
+    f2m = _ref._matrix(f2m, (4, 4), "f2m")
+    use_bs = bs_coef is not None
+    bs = _grid(bs_coef) if use_bs else _NO_GRID
+    f2g = _ref._matrix(f2grid, (4, 4), "f2grid") if use_bs else np.eye(4)
+    w2m = _ref._matrix(w2m, (3, 3), "w2m") if w2m is not None else np.eye(3)
+    use_mask = moving_mask is not None
+    mmask = np.ascontiguousarray(moving_mask, dtype=np.uint8) if use_mask else _NO_MASK
+    n = len(flat)
+    f = np.empty(n)
+    m = np.empty(n)
+    gy = np.empty((n, 3))
+    pts = np.empty((n, 3))
+    keep = np.empty(n, dtype=np.bool_)
+    _, ny, nz = (int(v) for v in fixed_shape)
+    compact = n < SERIAL_BELOW
+    k = _pick(_k_sample_pairs, n)(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
+                                  f, m, gy, pts, keep, compact)
+    if compact:
+        return f[:k], m[:k], gy[:k], pts[:k], keep
+    return f[keep], m[keep], gy[keep], pts[keep], keep
 
 
 for _name in __all__:

@@ -40,6 +40,7 @@ __all__ = [
     "points_affine",
     "warp_sample",
     "affine_grid",
+    "sample_pairs",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -329,27 +330,38 @@ def _grid_shape(grid_shape):
     return gs
 
 
-def bspline_scatter(t, g, grid_shape):
+def _check_out(out, shape):
+    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float64 and out.flags.c_contiguous):
+        raise ConfigError(f"out must be a C-contiguous float64 array of shape {shape}; pass None to allocate")
+
+
+def bspline_scatter(t, g, grid_shape, out=None):
     """Adjoint of :func:`bspline_eval`: spread per-point vectors onto the control grid.
 
     ``t`` (N, 3) grid indices, ``g`` (N, 3) vectors (e.g. dMetric/du per sample); ``grid_shape``
     (gx, gy, gz). Returns (gx, gy, gz, 3) float64 with
     ``out[base+a, base+b, base+c, :] += w_a w_b w_c g[n, :]`` over existing control points, so that
-    ``<bspline_eval(c, t), g> == <c, bspline_scatter(t, g, c.shape[:3])>``.
+    ``<bspline_eval(c, t), g> == <c, bspline_scatter(t, g, c.shape[:3])>``. ``out``: optional
+    (gx, gy, gz, 3) float64 buffer that receives the result (it is overwritten, not added to).
     """
     gs = _grid_shape(grid_shape)
+    if out is not None:
+        _check_out(out, gs + (3,))
     t = _points(t, "t").reshape(-1, 3).astype(np.float64)
     g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
     if len(g) != len(t):
         raise ConfigError(f"g must have one 3-vector per point: got {len(g)} vectors for {len(t)} points")
     taps, valid, w, _ = _support(gs, t)
-    out = np.zeros(gs + (3,))
+    acc = np.zeros(gs + (3,))
     for a in range(4):
         for b in range(4):
             for c in range(4):
                 ok = valid[:, 0, a] & valid[:, 1, b] & valid[:, 2, c]
                 wt = w[ok, 0, a] * w[ok, 1, b] * w[ok, 2, c]
-                np.add.at(out, (taps[ok, 0, a], taps[ok, 1, b], taps[ok, 2, c]), wt[:, None] * g[ok])
+                np.add.at(acc, (taps[ok, 0, a], taps[ok, 1, b], taps[ok, 2, c]), wt[:, None] * g[ok])
+    if out is None:
+        return acc
+    out[...] = acc
     return out
 
 
@@ -455,3 +467,41 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
             raise ConfigError(f"field must have shape {shape + (3,)}, got {f.shape}; pass a field on the same grid")
         out = out + f @ L.T
     return out.astype(dtype, copy=False)
+
+
+def sample_pairs(flat, fixed_values, fixed_shape, f2m, moving_coef, moving_mask=None, bs_coef=None, f2grid=None,
+                 w2m=None):
+    """Fixed/moving sample pairs of one iteration, with the points that map outside dropped.
+
+    flat: (N,) int64 flat indices of fixed voxels (C order of ``fixed_shape``); fixed_values: the
+    fixed image raveled (float32/64). A fixed voxel index i maps to the moving voxel index
+    ``q = f2m i + W2M u(t)`` with ``t = f2grid i`` when a B-spline grid ``bs_coef``
+    (gx, gy, gz, 3) is given (u in world mm, ``w2m`` the world->moving-index 3x3 matrix), else
+    ``q = f2m i``. A point is kept when 0 <= q <= n - 1 on every moving axis and, with a mask,
+    the nearest mask voxel is non-zero. Returns, for the K kept points in input order:
+    ``f`` (K,), ``m`` (K,) moving values (cubic B-spline of ``moving_coef``), ``gy`` (K, 3) the
+    moving gradient w.r.t. the world point (``w2m^T dm/dq``), ``pts`` (K, 3) the grid indices t
+    (with a B-spline) or the fixed voxel indices, and ``keep`` (N,) bool.
+    """
+    flat = np.asarray(flat, dtype=np.int64)
+    idx = np.stack(np.unravel_index(flat, tuple(fixed_shape)), axis=1).astype(np.float64)
+    f2m = _matrix(f2m, (4, 4), "f2m")
+    q = idx @ f2m[:3, :3].T + f2m[:3, 3]
+    if bs_coef is not None:
+        f2grid = _matrix(f2grid, (4, 4), "f2grid")
+        w2m = _matrix(w2m, (3, 3), "w2m")
+        t = idx @ f2grid[:3, :3].T + f2grid[:3, 3]
+        q = q + bspline_eval(bs_coef, t) @ w2m.T
+        pts = t
+    else:
+        w2m = np.eye(3) if w2m is None else _matrix(w2m, (3, 3), "w2m")
+        pts = idx
+    hi = np.asarray(moving_coef.shape, dtype=np.float64) - 1.0
+    keep = np.all((q >= 0.0) & (q <= hi), axis=1)
+    if moving_mask is not None and keep.any():
+        r = np.floor(q[keep] + 0.5).astype(np.intp)
+        keep[np.flatnonzero(keep)[np.asarray(moving_mask)[r[:, 0], r[:, 1], r[:, 2]] == 0]] = False
+    m, gq = cubic_sample(moving_coef, q[keep])
+    gy = gq.astype(np.float64) @ w2m
+    f = np.asarray(fixed_values).ravel()[flat[keep]].astype(np.float64)
+    return f, m.astype(np.float64), gy, pts[keep], keep

@@ -494,3 +494,25 @@ def test_invalid_helper_arguments_raise_config_error():
         grid_sample_points((5, 5, 5), 0)
     with pytest.raises(ConfigError):
         ASGD(ASGDParameters(a=1.0, A=20.0, alpha=1.0, f_max=1.0, f_min=0.5, omega=1e-8))
+
+
+def test_step_inplace_matches_step_and_scale_only_shortens_the_step():
+    from fastimpact.optimizers import ASGD, ASGDParameters
+
+    rng = np.random.default_rng(5)
+    params = ASGDParameters(a=2.0, A=20.0, alpha=1.0, f_max=1.0, f_min=-0.8, omega=0.5)
+    a, b = ASGD(params), ASGD(params)
+    ta = rng.normal(size=300)
+    tb = ta.copy()
+    for k in range(30):
+        g = rng.normal(size=300)
+        ta = a.step(ta, g)
+        scale = 0.5 if k % 7 == 3 else 1.0
+        before = tb.copy()
+        lr = b.step_inplace(tb, g, scale)
+        np.testing.assert_allclose(tb, before - scale * lr * g, rtol=1e-12)
+        if scale == 1.0:
+            np.testing.assert_allclose(b.time, a.time, rtol=1e-12)
+        else:  # make the reference follow the same shortened step
+            ta = before - scale * lr * g
+        np.testing.assert_allclose(tb, ta, rtol=1e-10, atol=1e-12)

@@ -456,3 +456,43 @@ def test_affine_grid_matches_reference(dtype):
     i, j, k = 4, 7, 9
     expect = A[:3, :3] @ np.array([i, j, k]) + A[:3, 3] + L @ field[i, j, k].astype(np.float64)
     np.testing.assert_allclose(get_kernel("affine_grid", "numpy")(shape, A, field, L)[i, j, k], expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_grid", [False, True])
+@pytest.mark.parametrize("with_mask, n", [(False, 3000), (True, 3000), (True, 20000)])
+def test_sample_pairs_matches_reference(dtype, with_grid, with_mask, n):
+    r = np.random.default_rng(11)
+    fshape, mshape = (45, 63, 37), (41, 59, 39)
+    fvals = r.normal(size=fshape).astype(dtype)
+    mcoef = r.normal(size=mshape).astype(dtype)
+    f2m = np.eye(4)
+    f2m[:3, :3] += 0.05 * r.normal(size=(3, 3))
+    f2m[:3, 3] = [-2.0, 1.5, -3.0]  # some points map outside
+    kwargs = {}
+    if with_grid:
+        kwargs = dict(bs_coef=r.normal(size=(9, 11, 8, 3)), f2grid=np.diag([0.15, 0.14, 0.16, 1.0]) + np.eye(4) * 0,
+                      w2m=np.eye(3) + 0.1 * r.normal(size=(3, 3)))
+        kwargs["f2grid"][:3, 3] = 1.0
+    mask = (r.random(mshape) > 0.3).astype(np.uint8) if with_mask else None
+    flat = r.integers(0, np.prod(fshape), size=n)  # 20000: the parallel path
+    got = get_kernel("sample_pairs", "cpu")(flat, fvals, fshape, f2m, mcoef, mask, **kwargs)
+    want = get_kernel("sample_pairs", "numpy")(flat, fvals, fshape, f2m, mcoef, mask, **kwargs)
+    assert 0 < got[4].sum() < len(flat)
+    np.testing.assert_array_equal(got[4], want[4])
+    tol = 2e-5 if dtype == np.float32 else 1e-10
+    for a, b in zip(got[:4], want[:4]):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
+
+
+def test_bspline_scatter_into_a_reused_buffer():
+    r = np.random.default_rng(12)
+    t = r.uniform(0.5, 7.0, size=(500, 3))
+    g = r.normal(size=(500, 3))
+    out = np.full(GRID_SHAPE + (3,), 7.0)  # stale content must be overwritten
+    for be in BACKENDS_RUN:
+        res = get_kernel("bspline_scatter", be)(t, g, GRID_SHAPE, out=out)
+        assert res is out
+        np.testing.assert_allclose(out, get_kernel("bspline_scatter", "numpy")(t, g, GRID_SHAPE), atol=1e-12)
+    with pytest.raises(ConfigError, match="out must be"):
+        get_kernel("bspline_scatter", "cpu")(t, g, GRID_SHAPE, out=np.zeros((2, 2, 2, 3)))

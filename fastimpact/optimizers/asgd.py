@@ -849,6 +849,19 @@ def sigmoid(x: float, f_max: float, f_min: float, omega: float) -> float:
     return f_min + (f_max - f_min) * e
 
 
+@numba.njit(cache=True)
+def _fused_update(theta, g, prev, step, use_prev):
+    """theta -= step g; returns <g, prev> (when use_prev); then prev = g. One pass, in place."""
+    inner = 0.0
+    for i in range(theta.size):
+        gi = g[i]
+        if use_prev:
+            inner += gi * prev[i]
+        prev[i] = gi
+        theta[i] -= step * gi
+    return inner
+
+
 class ASGD:
     """The ASGD iteration of one resolution level (see the module docstring).
 
@@ -881,6 +894,32 @@ class ASGD:
         """An optimiser with ``settings.adaptive`` and ``settings.initial_time``; manual params if None."""
         return cls(params if params is not None else manual_parameters(settings),
                    adaptive=settings.adaptive, initial_time=settings.initial_time)
+
+    def step_inplace(self, theta: np.ndarray, g: np.ndarray, scale: float = 1.0) -> float:
+        """The same iteration as :meth:`step` for NumPy float64 vectors, in place and in one pass.
+
+        ``theta -= scale * gamma(t_k) * g``; the time adapts with the unscaled ``g`` exactly as in
+        :meth:`step` (``scale`` lets a driver shorten one step without changing the adaptation).
+        Returns the learning rate gamma(t_k) used. No allocation: the driver's hot loop.
+        """
+        if g.shape != theta.shape:
+            raise ValueError(f"gradient shape {g.shape} differs from parameter shape {theta.shape}")
+        p = self.params
+        lr = p.a / (p.A + self.time + 1.0) ** p.alpha
+        self.learning_rate = lr
+        if self._prev is None:
+            self._prev = np.empty_like(g)
+            has_prev = False
+        else:
+            has_prev = True
+        inner = _fused_update(theta, g, self._prev, lr * scale, has_prev and self.adaptive)
+        if self.adaptive:
+            if has_prev:
+                self.time = max(0.0, self.time + sigmoid(-inner, p.f_max, p.f_min, p.omega))
+        else:
+            self.time += 0.5 * (p.f_max + p.f_min)
+        self.iteration += 1
+        return lr
 
     def step(self, theta, g, out=None):
         """Return theta - gamma(t_k) g and advance the time with <g_k, g_{k-1}>.

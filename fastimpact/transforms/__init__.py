@@ -53,8 +53,8 @@ class CompositeTransform:
             i2g = self.grid.world_to_grid() @ affine
             lin_g = i2g[:3, :3]
             if np.allclose(lin_g, np.diag(np.diag(lin_g)), atol=1e-9 * np.abs(lin_g).max()):
-                u = get_kernel("bspline_dense", backend)(self.coef, shape, i2g[:3, 3].copy(), np.diag(lin_g).copy())
-                field += u.astype(dtype, copy=False)
+                field += get_kernel("bspline_dense", backend)(self.coef, shape, i2g[:3, 3].copy(),
+                                                               np.diag(lin_g).copy(), dtype=dtype)
             else:
                 axes = [np.arange(n, dtype=np.float64) for n in shape]
                 idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
