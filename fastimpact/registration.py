@@ -195,17 +195,19 @@ def warp_image(moving: Image, reference: Image, displacement: np.ndarray, interp
 
     minv = np.linalg.inv(moving.affine)
     # q = Minv (x + u) with x = R i: an affine map of the index plus Minv_lin u.
-    q = get_kernel("affine_grid", backend)(reference.shape, minv @ reference.affine, displacement, minv[:3, :3])
+    vox = minv @ reference.affine
     data = moving.data
+    if interpolation == "cubic":
+        if coef is None:
+            coef = prefilter(data)
+        out = get_kernel("warp_cubic", backend)(coef, reference.shape, vox, displacement, minv[:3, :3], fill)
+        return Image(np.asarray(out, dtype=np.float32), np.array(reference.affine))
+    q = get_kernel("affine_grid", backend)(reference.shape, vox, displacement, minv[:3, :3])
     if interpolation == "nearest":
         out = get_kernel("nearest_sample", backend)(np.ascontiguousarray(data), q, fill)
     elif interpolation == "linear":
         src = np.ascontiguousarray(data, dtype=np.float32 if data.dtype != np.float64 else np.float64)
         out = get_kernel("linear_sample", backend)(src, q, fill)
-    elif interpolation == "cubic":
-        if coef is None:
-            coef = prefilter(data)
-        out = get_kernel("cubic_sample_values", backend)(coef, q, fill)
     else:
         raise ConfigError(f"interpolation={interpolation!r} is invalid: choose cubic, linear or nearest")
     if interpolation != "nearest" and np.issubdtype(data.dtype, np.integer):

@@ -45,6 +45,7 @@ OPERATIONS = (
     "warp_sample",
     "affine_grid",
     "sample_pairs",
+    "warp_cubic",
 )
 
 # backend name -> module inside this package (None: reserved, not implemented yet)

@@ -860,6 +860,47 @@ def sample_pairs(flat, fixed_values, fixed_shape, f2m, moving_coef, moving_mask=
     return f[keep], m[keep], gy[keep], pts[keep], keep
 
 
+@_pjit
+def _k_warp_cubic(coef, A, field, L, use_field, fill, out):
+    nx, ny, nz = coef.shape
+    X, Y, Z = out.shape
+    for ij in prange(X * Y):
+        i = ij // Y
+        j = ij % Y
+        for k in range(Z):
+            q0 = A[0, 0] * i + A[0, 1] * j + A[0, 2] * k + A[0, 3]
+            q1 = A[1, 0] * i + A[1, 1] * j + A[1, 2] * k + A[1, 3]
+            q2 = A[2, 0] * i + A[2, 1] * j + A[2, 2] * k + A[2, 3]
+            if use_field:
+                f0 = np.float64(field[i, j, k, 0])
+                f1 = np.float64(field[i, j, k, 1])
+                f2 = np.float64(field[i, j, k, 2])
+                q0 += L[0, 0] * f0 + L[0, 1] * f1 + L[0, 2] * f2
+                q1 += L[1, 0] * f0 + L[1, 1] * f1 + L[1, 2] * f2
+                q2 += L[2, 0] * f0 + L[2, 1] * f1 + L[2, 2] * f2
+            if _inside(q0, q1, q2, nx, ny, nz):
+                out[i, j, k] = _cubic_value(coef, q0, q1, q2)
+            else:
+                out[i, j, k] = fill
+
+
+def warp_cubic(coef, shape, A, field=None, L=None, fill=0.0):
+    coef = _float_volume(coef, "coef")
+    shape = tuple(int(n) for n in shape)
+    A = _ref._matrix(A, (4, 4), "A")
+    use_field = field is not None
+    if use_field:
+        L = _ref._matrix(L, (3, 3), "L")
+        field = np.ascontiguousarray(field)
+        if field.shape != shape + (3,):
+            raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
+    else:
+        field, L = np.zeros((1, 1, 1, 3), dtype=np.float32), np.eye(3)
+    out = np.empty(shape, dtype=coef.dtype)
+    _k_warp_cubic(coef, A, field, L, use_field, float(fill), out)
+    return out
+
+
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__
 del _name

@@ -41,6 +41,7 @@ __all__ = [
     "warp_sample",
     "affine_grid",
     "sample_pairs",
+    "warp_cubic",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -505,3 +506,10 @@ def sample_pairs(flat, fixed_values, fixed_shape, f2m, moving_coef, moving_mask=
     gy = gq.astype(np.float64) @ w2m
     f = np.asarray(fixed_values).ravel()[flat[keep]].astype(np.float64)
     return f, m.astype(np.float64), gy, pts[keep], keep
+
+
+def warp_cubic(coef, shape, A, field=None, L=None, fill=0.0):
+    """Resample a cubic B-spline image on a voxel grid: ``cubic_sample_values(coef, q, fill)``
+    with ``q = A idx (+ L field[idx])`` (see :func:`affine_grid`). Returns (X, Y, Z) of coef's dtype."""
+    q = affine_grid(shape, A, field, L)
+    return cubic_sample_values(coef, q, fill)

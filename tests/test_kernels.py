@@ -496,3 +496,20 @@ def test_bspline_scatter_into_a_reused_buffer():
         np.testing.assert_allclose(out, get_kernel("bspline_scatter", "numpy")(t, g, GRID_SHAPE), atol=1e-12)
     with pytest.raises(ConfigError, match="out must be"):
         get_kernel("bspline_scatter", "cpu")(t, g, GRID_SHAPE, out=np.zeros((2, 2, 2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_warp_cubic_matches_reference(dtype):
+    r = np.random.default_rng(13)
+    coef = r.normal(size=(45, 63, 37)).astype(dtype)
+    shape = (21, 30, 17)
+    A = np.eye(4)
+    A[:3, :3] = np.diag([2.0, 2.0, 2.0]) + 0.1 * r.normal(size=(3, 3))
+    A[:3, 3] = [-1.0, 0.5, 2.0]  # a few voxels fall outside
+    field = r.normal(size=shape + (3,)).astype(np.float32)
+    L = np.eye(3) * 0.5
+    for args in ((coef, shape, A), (coef, shape, A, field, L)):
+        got = get_kernel("warp_cubic", "cpu")(*args, fill=-7.0)
+        want = get_kernel("warp_cubic", "numpy")(*args, fill=-7.0)
+        assert got.dtype == dtype and (want == -7.0).any()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 if dtype == np.float32 else 1e-10)
