@@ -18,10 +18,13 @@ nearest_sample           (img, points, fill) -> values in img's dtype; resamplin
 bspline_weights          (t) -> base (N, 3) int64, w (N, 3, 4), dw (N, 3, 4)
 bspline_eval             (coef, t) -> u (N, 3)
 bspline_eval_jacobian    (coef, t) -> J (N, 3, 3), J[n, c, d] = d u_c / d t_d
-bspline_scatter          (t, g, grid_shape) -> (gx, gy, gz, 3); adjoint of bspline_eval
+bspline_scatter          (t, g, grid_shape, out=None) -> (gx, gy, gz, 3); adjoint of bspline_eval
 bspline_dense            (coef, shape, t0, dt, dtype) -> (X, Y, Z, 3) on an axis-aligned grid
 points_affine            (idx, A) -> (N, 3) = idx @ A[:3, :3].T + A[:3, 3]
 warp_sample              fused: affine + B-spline warp of fixed voxels, then cubic_sample
+affine_grid              (shape, A, field, L) -> (X, Y, Z, 3) = A idx + L field[idx]
+sample_pairs             fused iteration: fixed voxels -> kept (f, m, dm/dy, t or idx, keep)
+warp_cubic               (coef, shape, A, field, L, fill) -> (X, Y, Z) resampled image
 =======================  ==================================================================
 """
 
@@ -31,22 +34,10 @@ from fastimpact.errors import BackendError, ConfigError
 
 __all__ = ["OPERATIONS", "BACKENDS", "get_kernel"]
 
-OPERATIONS = (
-    "cubic_sample",
-    "cubic_sample_values",
-    "linear_sample",
-    "nearest_sample",
-    "bspline_weights",
-    "bspline_eval",
-    "bspline_eval_jacobian",
-    "bspline_scatter",
-    "bspline_dense",
-    "points_affine",
-    "warp_sample",
-    "affine_grid",
-    "sample_pairs",
-    "warp_cubic",
-)
+# The NumPy reference is the specification: its public functions are the operations.
+from .reference import __all__ as _reference_ops  # noqa: E402  (numpy only; numba stays unloaded)
+
+OPERATIONS = tuple(_reference_ops)
 
 # backend name -> module inside this package (None: reserved, not implemented yet)
 _BACKEND_MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": None}

@@ -762,57 +762,82 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
     return out
 
 
-@_pjit
-def _k_sample_pairs(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
-                    f_out, m_out, gy_out, pts_out, keep, compact):
-    """With ``compact`` (the serial twin only) kept points are packed in input order and their
-    count returned; otherwise (parallel, large N) every row is written and the caller packs."""
+@_jit
+def _pair_point(fi, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m):
+    """One fixed voxel (flat index fi): (kept, m, dm/dy (3), grid index t or voxel index (3))."""
     mx, my, mz = mcoef.shape
+    i = fi // (ny * nz)
+    r = fi - i * ny * nz
+    j = r // nz
+    kk = r - j * nz
+    x = np.float64(i)
+    y = np.float64(j)
+    z = np.float64(kk)
+    q0 = f2m[0, 0] * x + f2m[0, 1] * y + f2m[0, 2] * z + f2m[0, 3]
+    q1 = f2m[1, 0] * x + f2m[1, 1] * y + f2m[1, 2] * z + f2m[1, 3]
+    q2 = f2m[2, 0] * x + f2m[2, 1] * y + f2m[2, 2] * z + f2m[2, 3]
+    tx = x
+    ty = y
+    tz = z
+    if use_bs:
+        tx = f2g[0, 0] * x + f2g[0, 1] * y + f2g[0, 2] * z + f2g[0, 3]
+        ty = f2g[1, 0] * x + f2g[1, 1] * y + f2g[1, 2] * z + f2g[1, 3]
+        tz = f2g[2, 0] * x + f2g[2, 1] * y + f2g[2, 2] * z + f2g[2, 3]
+        u0, u1, u2 = _eval_point(bs, tx, ty, tz)
+        q0 += w2m[0, 0] * u0 + w2m[0, 1] * u1 + w2m[0, 2] * u2
+        q1 += w2m[1, 0] * u0 + w2m[1, 1] * u1 + w2m[1, 2] * u2
+        q2 += w2m[2, 0] * u0 + w2m[2, 1] * u1 + w2m[2, 2] * u2
+    ok = q0 >= 0.0 and q0 <= mx - 1.0 and q1 >= 0.0 and q1 <= my - 1.0 and q2 >= 0.0 and q2 <= mz - 1.0
+    if ok and use_mask:
+        ok = mmask[int(math.floor(q0 + 0.5)), int(math.floor(q1 + 0.5)), int(math.floor(q2 + 0.5))] != 0
+    if not ok:
+        return False, 0.0, 0.0, 0.0, 0.0, tx, ty, tz
+    v, g0, g1, g2 = _cubic_point(mcoef, q0, q1, q2)
+    return (True, v,
+            w2m[0, 0] * g0 + w2m[1, 0] * g1 + w2m[2, 0] * g2,
+            w2m[0, 1] * g0 + w2m[1, 1] * g1 + w2m[2, 1] * g2,
+            w2m[0, 2] * g0 + w2m[1, 2] * g1 + w2m[2, 2] * g2,
+            tx, ty, tz)
+
+
+@_jit
+def _k_sample_pairs_compact(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
+                            f_out, m_out, gy_out, pts_out, keep):
+    """Serial: kept points packed in input order; returns their count."""
     k = 0
-    for p in prange(flat.shape[0]):
-        fi = flat[p]
-        i = fi // (ny * nz)
-        r = fi - i * ny * nz
-        j = r // nz
-        kk = r - j * nz
-        x = np.float64(i)
-        y = np.float64(j)
-        z = np.float64(kk)
-        q0 = f2m[0, 0] * x + f2m[0, 1] * y + f2m[0, 2] * z + f2m[0, 3]
-        q1 = f2m[1, 0] * x + f2m[1, 1] * y + f2m[1, 2] * z + f2m[1, 3]
-        q2 = f2m[2, 0] * x + f2m[2, 1] * y + f2m[2, 2] * z + f2m[2, 3]
-        if use_bs:
-            tx = f2g[0, 0] * x + f2g[0, 1] * y + f2g[0, 2] * z + f2g[0, 3]
-            ty = f2g[1, 0] * x + f2g[1, 1] * y + f2g[1, 2] * z + f2g[1, 3]
-            tz = f2g[2, 0] * x + f2g[2, 1] * y + f2g[2, 2] * z + f2g[2, 3]
-            u0, u1, u2 = _eval_point(bs, tx, ty, tz)
-            q0 += w2m[0, 0] * u0 + w2m[0, 1] * u1 + w2m[0, 2] * u2
-            q1 += w2m[1, 0] * u0 + w2m[1, 1] * u1 + w2m[1, 2] * u2
-            q2 += w2m[2, 0] * u0 + w2m[2, 1] * u1 + w2m[2, 2] * u2
-        else:
-            tx = x
-            ty = y
-            tz = z
-        ok = q0 >= 0.0 and q0 <= mx - 1.0 and q1 >= 0.0 and q1 <= my - 1.0 and q2 >= 0.0 and q2 <= mz - 1.0
-        if ok and use_mask:
-            ok = mmask[int(math.floor(q0 + 0.5)), int(math.floor(q1 + 0.5)), int(math.floor(q2 + 0.5))] != 0
+    for p in range(flat.shape[0]):
+        ok, v, a0, a1, a2, tx, ty, tz = _pair_point(flat[p], ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs,
+                                                    f2g, w2m)
         keep[p] = ok
-        if not ok:
-            continue
-        if not compact:
-            k = p
-        v, g0, g1, g2 = _cubic_point(mcoef, q0, q1, q2)
-        f_out[k] = fvals[fi]
-        m_out[k] = v
-        gy_out[k, 0] = w2m[0, 0] * g0 + w2m[1, 0] * g1 + w2m[2, 0] * g2
-        gy_out[k, 1] = w2m[0, 1] * g0 + w2m[1, 1] * g1 + w2m[2, 1] * g2
-        gy_out[k, 2] = w2m[0, 2] * g0 + w2m[1, 2] * g1 + w2m[2, 2] * g2
-        pts_out[k, 0] = tx
-        pts_out[k, 1] = ty
-        pts_out[k, 2] = tz
-        if compact:
+        if ok:
+            f_out[k] = fvals[flat[p]]
+            m_out[k] = v
+            gy_out[k, 0] = a0
+            gy_out[k, 1] = a1
+            gy_out[k, 2] = a2
+            pts_out[k, 0] = tx
+            pts_out[k, 1] = ty
+            pts_out[k, 2] = tz
             k += 1
     return k
+
+
+@_pjit
+def _k_sample_pairs_rows(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
+                         f_out, m_out, gy_out, pts_out, keep):
+    """Parallel (large N): every row written; the caller packs the kept rows."""
+    for p in prange(flat.shape[0]):
+        ok, v, a0, a1, a2, tx, ty, tz = _pair_point(flat[p], ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs,
+                                                    f2g, w2m)
+        keep[p] = ok
+        f_out[p] = fvals[flat[p]]
+        m_out[p] = v
+        gy_out[p, 0] = a0
+        gy_out[p, 1] = a1
+        gy_out[p, 2] = a2
+        pts_out[p, 0] = tx
+        pts_out[p, 1] = ty
+        pts_out[p, 2] = tz
 
 
 @_jit
@@ -852,11 +877,11 @@ def sample_pairs(flat, fixed_values, fixed_shape, f2m, moving_coef, moving_mask=
     pts = np.empty((n, 3))
     keep = np.empty(n, dtype=np.bool_)
     _, ny, nz = (int(v) for v in fixed_shape)
-    compact = n < SERIAL_BELOW
-    k = _pick(_k_sample_pairs, n)(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
-                                  f, m, gy, pts, keep, compact)
-    if compact:
+    args = (flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m, f, m, gy, pts, keep)
+    if n < SERIAL_BELOW:
+        k = _k_sample_pairs_compact(*args)
         return f[:k], m[:k], gy[:k], pts[:k], keep
+    _k_sample_pairs_rows(*args)
     return f[keep], m[keep], gy[keep], pts[keep], keep
 
 
