@@ -180,3 +180,15 @@ def test_displacement_field_maps_points_like_fastimpact_in_simpleitk(pair, tmp_p
     ours = transform.map_world(x)
     theirs = np.array([tx.TransformPoint(tuple(p)) for p in ras_to_lps(x)])
     np.testing.assert_allclose(lps_to_ras(theirs), ours, atol=1e-3)  # float32 field
+
+
+def test_device_choice(pair, tmp_path, capsys):
+    from fastimpact.backend import cuda_available
+
+    out = tmp_path / "d"
+    if not cuda_available()[0]:
+        code, _, err = run(["register", *pair, "-o", out, *FAST, "--device", "cuda"], capsys)
+        assert code == 1 and err.count("\n") == 1 and "--device cpu" in err
+        assert not out.exists()
+    code, _, err = run(["register", *pair, "-o", out, *FAST, "--device", "auto"], capsys)
+    assert code == 0 and "running on the CPU" in err
