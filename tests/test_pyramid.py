@@ -44,3 +44,20 @@ def test_pyramid_samples_a_linear_ramp_exactly_and_masks_stay_binary():
     mp = build_pyramid(Image(mask, aff), [4, 2, 1], is_mask=True)
     assert all(m.data.dtype == bool for m in mp)
     assert 0 < mp[0].data.sum() < mp[0].data.size
+
+
+def test_smoothing_matches_the_gaussian_of_each_level():
+    """A sinusoid of wavelength L voxels loses exp(-2 pi^2 s^2 / L^2) of its amplitude under a
+    Gaussian of sigma s: the cascade must give s = 0.5 f original voxels at shrink factor f."""
+    n, wavelength = 65, 16.0  # 65 voxels: every level samples original voxel centres exactly
+    x = np.arange(n, dtype=np.float64)
+    wave = np.cos(2 * np.pi * x / wavelength)
+    img = np.broadcast_to(wave[:, None, None], (n, 9, 9)).astype(np.float32)
+    pyr = build_pyramid(Image(img, np.eye(4)), [4, 2, 1])
+    for level, f in zip(pyr, (4, 2, 1)):
+        xs = level.affine[0, 0] * np.arange(level.shape[0]) + level.affine[0, 3]  # original x of voxels
+        inner = slice(4, -4)  # away from the boundary
+        profile = level.data[:, level.shape[1] // 2, level.shape[2] // 2].astype(np.float64)
+        amp = np.linalg.lstsq(np.cos(2 * np.pi * xs / wavelength)[inner, None], profile[inner], rcond=None)[0][0]
+        sigma = 0.5 * f if f > 1 else 0.0
+        np.testing.assert_allclose(amp, np.exp(-2 * np.pi**2 * sigma**2 / wavelength**2), rtol=0.01)

@@ -67,3 +67,11 @@ def test_translation_recovered_by_affine_stage(mono):
     u = r.displacement[mono.moving_mask]
     np.testing.assert_allclose(np.median(u, axis=0), [6.0, -4.0, 2.0], atol=0.3)
     assert np.percentile(np.linalg.norm(u - [6.0, -4.0, 2.0], axis=1), 95) < 0.6
+
+
+@pytest.mark.slow
+def test_identical_images_stay_at_identity(mono):
+    """At the optimum the stochastic gradient is noise only: ASGD must not wander off."""
+    r = register(mono.moving, mono.moving, metric="mse")
+    e = field_error(r.displacement, np.zeros_like(r.displacement), mono.moving_mask)
+    assert e["mean"] < 0.06 and e["p95"] < 0.25, e
