@@ -801,6 +801,18 @@ def _pair_point(fi, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m):
 
 
 @_jit
+def _store_pair(k, fval, v, a0, a1, a2, tx, ty, tz, f_out, m_out, gy_out, pts_out):
+    f_out[k] = fval
+    m_out[k] = v
+    gy_out[k, 0] = a0
+    gy_out[k, 1] = a1
+    gy_out[k, 2] = a2
+    pts_out[k, 0] = tx
+    pts_out[k, 1] = ty
+    pts_out[k, 2] = tz
+
+
+@_jit
 def _k_sample_pairs_compact(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs, f2g, w2m,
                             f_out, m_out, gy_out, pts_out, keep):
     """Serial: kept points packed in input order; returns their count."""
@@ -810,14 +822,7 @@ def _k_sample_pairs_compact(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs
                                                     f2g, w2m)
         keep[p] = ok
         if ok:
-            f_out[k] = fvals[flat[p]]
-            m_out[k] = v
-            gy_out[k, 0] = a0
-            gy_out[k, 1] = a1
-            gy_out[k, 2] = a2
-            pts_out[k, 0] = tx
-            pts_out[k, 1] = ty
-            pts_out[k, 2] = tz
+            _store_pair(k, fvals[flat[p]], v, a0, a1, a2, tx, ty, tz, f_out, m_out, gy_out, pts_out)
             k += 1
     return k
 
@@ -830,14 +835,7 @@ def _k_sample_pairs_rows(flat, fvals, ny, nz, f2m, mcoef, mmask, use_mask, bs, u
         ok, v, a0, a1, a2, tx, ty, tz = _pair_point(flat[p], ny, nz, f2m, mcoef, mmask, use_mask, bs, use_bs,
                                                     f2g, w2m)
         keep[p] = ok
-        f_out[p] = fvals[flat[p]]
-        m_out[p] = v
-        gy_out[p, 0] = a0
-        gy_out[p, 1] = a1
-        gy_out[p, 2] = a2
-        pts_out[p, 0] = tx
-        pts_out[p, 1] = ty
-        pts_out[p, 2] = tz
+        _store_pair(p, fvals[flat[p]], v, a0, a1, a2, tx, ty, tz, f_out, m_out, gy_out, pts_out)
 
 
 @_jit
