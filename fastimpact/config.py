@@ -29,7 +29,8 @@ class RegistrationConfig:
 
     metric: similarity to minimise (mse | ncc | mi).
     levels: pyramid levels; level l has shrink factor 2**(levels-1-l) of the finest spacing.
-    iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage.
+    iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage
+        (0 iterations skip a level; 0 at every level gives an affine-only registration).
     grid_spacing: B-spline control-point spacing at the finest level, mm; doubled per coarser level.
     affine: run an optimised affine stage before the B-spline stage.
     affine_iterations: ASGD iterations per level of the affine stage.
@@ -92,7 +93,12 @@ class RegistrationConfig:
                 elif name == "samples":
                     _int(name, v, 16, 10_000_000)
                 else:
-                    _int(name, v, 1 if name == "iterations" else 0, 1_000_000)
+                    _int(name, v, 0, 1_000_000)  # 0 skips the level (0 everywhere: affine only)
+        if sum(self.per_level("iterations")) == 0 and (not self.affine or sum(self.per_level("affine_iterations")) == 0):
+            raise ConfigError(
+                "iterations and affine_iterations are 0 at every level: nothing would be optimised; "
+                "give the B-spline stage iterations (e.g. --iterations 500) or keep --affine with iterations"
+            )
 
     def per_level(self, name: str) -> tuple:
         """The value of field ``name`` for each level, coarse to fine."""

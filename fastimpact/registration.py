@@ -108,6 +108,7 @@ class Result:
     backend: str = "cpu"
     _displacement: np.ndarray | None = field(default=None, repr=False)
     _warped: Image | None = field(default=None, repr=False)
+    _moving_coef: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def displacement(self) -> np.ndarray:
@@ -123,8 +124,9 @@ class Result:
             t0 = time.perf_counter()
             self._warped = warp_image(
                 self.moving, self.fixed, self.displacement, self.config.interpolation, self.backend,
-                coef=self.report.pop("_moving_coef", None),
+                coef=self._moving_coef,
             )
+            self._moving_coef = None
             self.report.setdefault("timings_s", {})["warp"] = round(time.perf_counter() - t0, 4)
         return self._warped
 
@@ -395,7 +397,6 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     timings["load"] = time.perf_counter() - t_start
 
     factors = [2 ** (cfg.levels - 1 - i) for i in range(cfg.levels)]
-    min_extent = min(np.array(fixed_img.shape) * fixed_img.spacing)
     if min(fixed_img.shape) < 4 or min(moving_img.shape) < 4:
         raise ImageError(
             f"images of shape {fixed_img.shape} / {moving_img.shape} are too small: every axis needs at least 4 voxels"
@@ -452,9 +453,9 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         from .optimizers import default_max_step_length
 
         max_step = default_max_step_length(fixed_img.spacing, moving_img.spacing)
-    stages = (["affine"] if cfg.affine else []) + ["bspline"]
     iters_bs = cfg.per_level("iterations")
     iters_af = cfg.per_level("affine_iterations")
+    stages = (["affine"] if cfg.affine and sum(iters_af) else []) + (["bspline"] if sum(iters_bs) else [])
     samples = cfg.per_level("samples")
     bend_w = cfg.per_level("bending_weight")
     spacings = cfg.grid_spacings()
@@ -463,21 +464,23 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         t_stage = time.perf_counter()
         for li in range(cfg.levels):
             n_it = iters_af[li] if stage == "affine" else iters_bs[li]
-            if n_it == 0:
-                continue
-            lv = level_data(li)
-            metric = make_metric(cfg.metric, **metric_opts)
-            metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
             bending = None
             if stage == "bspline":
+                # the grid follows every level (also one with 0 iterations): each refinement
+                # halves the spacing exactly
                 grid = BSplineGrid.for_image(fixed_img.shape, fixed_img.affine, spacings[li])
                 if transform.coef is None:
                     transform.grid, transform.coef = grid, np.zeros(tuple(grid.shape) + (3,))
                 elif transform.grid.shape != grid.shape or not np.allclose(transform.grid.spacing, grid.spacing):
                     transform.coef = refine_coefficients(transform.coef, grid.shape)
                     transform.grid = grid
-                if bend_w[li] > 0:
+                if bend_w[li] > 0 and n_it > 0:
                     bending = BendingEnergy(grid, fixed_img.shape)
+            if n_it == 0:
+                continue
+            lv = level_data(li)
+            metric = make_metric(cfg.metric, **metric_opts)
+            metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
             from .samplers import RandomSampler
 
             sampler = RandomSampler(lv.fixed.shape, lv.fixed_mask, samples[li], cfg.seed,
@@ -493,11 +496,9 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     if transform.coef is not None:
         report["bspline_grid"] = {"shape": list(transform.grid.shape), "spacing_mm": transform.grid.spacing.tolist()}
     finest = levels_data[-1]
-    moving_coef = None
-    if finest is not None and factors[-1] == 1:
-        moving_coef = finest.moving_coef
-    report["_moving_coef"] = moving_coef
     result = Result(transform, fixed_img, moving_img, cfg, report, backend)
+    if finest is not None and factors[-1] == 1:
+        result._moving_coef = finest.moving_coef  # the output warp reuses the finest prefilter
     return result
 
 

@@ -20,7 +20,7 @@ def test_defaults_and_per_level():
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"iterations": 0}, "iterations"),
+        ({"iterations": 0, "affine": False}, "nothing would be optimised"),
         ({"iterations": -5}, "iterations"),
         ({"samples": 3}, "samples"),
         ({"levels": 0}, "levels"),

@@ -75,3 +75,18 @@ def test_identical_images_stay_at_identity(mono):
     r = register(mono.moving, mono.moving, metric="mse")
     e = field_error(r.displacement, np.zeros_like(r.displacement), mono.moving_mask)
     assert e["mean"] < 0.06 and e["p95"] < 0.25, e
+
+
+def test_a_level_without_iterations_keeps_the_grid_chain(mono):
+    """iterations = [n, 0, n]: the grid is still refined at the skipped level (spacing 32 -> 16
+    -> 8 mm), so the coarse result carries over exactly."""
+    r = register(mono.fixed, mono.moving, metric="mse", iterations=[150, 0, 150], affine=False, samples=1500)
+    assert tuple(r.transform.grid.spacing) == (8.0, 8.0, 8.0)
+    assert [s["level"] for s in r.report["stages"]] == [1, 3]
+    assert _err(r, mono)["mean"] < 0.5
+
+
+def test_affine_only_registration(mono):
+    r = register(mono.fixed, mono.moving, metric="mse", iterations=0, levels=2, affine_iterations=60)
+    assert r.transform.coef is None and [s["stage"] for s in r.report["stages"]] == ["affine", "affine"]
+    assert r.displacement.shape == mono.fixed.shape + (3,)
