@@ -25,6 +25,8 @@ import math
 import numba
 import numpy as np
 
+from . import _bspline1d as _b1
+
 __all__ = ["mattes_mi", "PARALLEL_MIN_SAMPLES"]
 
 #: From this many samples on, :func:`mattes_mi` uses the parallel variant when
@@ -50,22 +52,10 @@ def _coordinate(v, scale, offset, lo, hi):
     return c, True
 
 
-@numba.njit(inline="always")
-def _cubic(t):
-    """Cubic B-spline weights of the 4 bins j0..j0+3 (j0 = floor(c) - 1, t = c - floor(c))."""
-    s = 1.0 - t
-    t2 = t * t
-    t3 = t2 * t
-    return (s * s * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0,
-            (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0, t3 / 6.0)
-
-
-@numba.njit(inline="always")
-def _cubic_derivative(t):
-    """d/dc of the 4 weights of :func:`_cubic` (c the continuous bin coordinate)."""
-    s = 1.0 - t
-    t2 = t * t
-    return (-0.5 * s * s, -2.0 * t + 1.5 * t2, 0.5 + t - 1.5 * t2, 0.5 * t2)
+# Cubic B-spline tap weights (and d/dc) for the fractional offset t = c - floor(c): the shared
+# scalar definitions of kernels/_bspline1d.py, compiled here as inline device functions.
+_cubic = numba.njit(inline="always")(_b1.bspline3_weights)
+_cubic_derivative = numba.njit(inline="always")(_b1.bspline3_weights_d1)
 
 
 @numba.njit(inline="always")
