@@ -618,14 +618,17 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
 
 
 def _initial_affine(fixed: Image, moving: Image, fmask, mmask, mode: str):
+    """(centre, translation) of the initial affine: identity about the fixed image's centre
+    ("none"), or the translation matching image centres ("geometry") or centres of mass
+    ("moments", inside the masks when given)."""
+    if mode == "none":
+        return _center(fixed, fmask, "geometry"), np.zeros(3)
     fc = _center(fixed, fmask, mode)
     mc = _center(moving, mmask, mode)
     return fc, mc - fc
 
 
 def _center(img: Image, mask, mode: str) -> np.ndarray:
-    if mode == "none":
-        return _center(img, mask, "geometry")
     if mode == "geometry":
         mid = (np.asarray(img.shape, dtype=np.float64) - 1.0) / 2.0
         return img.affine[:3, :3] @ mid + img.affine[:3, 3]

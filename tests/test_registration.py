@@ -90,3 +90,12 @@ def test_affine_only_registration(mono):
     r = register(mono.fixed, mono.moving, metric="mse", iterations=0, levels=2, affine_iterations=60)
     assert r.transform.coef is None and [s["stage"] for s in r.report["stages"]] == ["affine", "affine"]
     assert r.displacement.shape == mono.fixed.shape + (3,)
+
+
+@pytest.mark.parametrize("init, expect", [("none", (0.0, 0.0, 0.0)), ("geometry", (6.0, -4.0, 2.0))])
+def test_initialisation_modes(mono, init, expect):
+    moved = Image(mono.moving.data, mono.moving.affine.copy())
+    moved.affine[:3, 3] += np.array([6.0, -4.0, 2.0])
+    r = register(mono.moving, moved, metric="mse", init=init, levels=1, iterations=0, affine_iterations=1,
+                 samples=500)
+    np.testing.assert_allclose(r.report["initial_affine"]["translation"], expect, atol=1e-9)
