@@ -61,6 +61,8 @@ def main():
     img = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 2.0)
     coef = ndi.spline_filter(img, order=3, mode="mirror", output=np.float32)
     labels = (img > 0).astype(np.uint8)
+    # a 12-channel feature map (MIND-SSC size), channel-last
+    coef12 = np.ascontiguousarray(np.repeat(coef[..., None], 12, axis=3) * np.arange(1, 13, dtype=np.float32))
     grid = rng.standard_normal(gshape + (3,))
     # Fresh samples per call, cycling through enough sets that the image lines a set touched are
     # evicted from the caches before that set comes back.
@@ -88,6 +90,7 @@ def main():
         ("bspline_scatter", n, lambda r: (t_sets[r % nsets], g, gshape)),
         ("points_affine", n, lambda r: (pts_sets[r % nsets], A)),
         ("warp_sample", n, lambda r: (coef, pts_sets[r % nsets], A, grid, A_f2grid, W2M)),
+        ("cubic_sample_channels", n + " C=12 f32", lambda r: (coef12, pts_sets[r % nsets])),
     ]
 
     def iteration(backend, fused):

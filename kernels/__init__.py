@@ -25,6 +25,7 @@ warp_sample              fused: affine + B-spline warp of fixed voxels, then cub
 affine_grid              (shape, A, field, L) -> (X, Y, Z, 3) = A idx + L field[idx]
 sample_pairs             fused iteration: fixed voxels -> kept (f, m, dm/dy, t or idx, keep)
 warp_cubic               (coef, shape, A, field, L, fill) -> (X, Y, Z) resampled image
+cubic_sample_channels    (coef (X, Y, Z, C), points) -> values (N, C), grads (N, C, 3); features
 =======================  ==================================================================
 """
 

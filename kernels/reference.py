@@ -42,6 +42,7 @@ __all__ = [
     "affine_grid",
     "sample_pairs",
     "warp_cubic",
+    "cubic_sample_channels",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -513,3 +514,28 @@ def warp_cubic(coef, shape, A, field=None, L=None, fill=0.0):
     with ``q = A idx (+ L field[idx])`` (see :func:`affine_grid`). Returns (X, Y, Z) of coef's dtype."""
     q = affine_grid(shape, A, field, L)
     return cubic_sample_values(coef, q, fill)
+
+
+def cubic_sample_channels(coef, points):
+    """Multi-channel cubic B-spline interpolation with gradient (feature maps: all channels of a
+    point in one pass).
+
+    coef : (nx, ny, nz, C) float32/float64, each channel prefiltered like :func:`cubic_sample`'s
+        coefficients (``spline_filter`` over the three spatial axes); channel-last so that a tap
+        reads the C values of a voxel contiguously.
+    points : (N, 3) continuous voxel indices.
+    Returns values (N, C) and grads (N, C, 3) (d value / d index), float64: channel c equals
+    :func:`cubic_sample` of ``coef[..., c]`` (mirror boundary, NaN for non-finite points).
+    """
+    coef = np.asarray(coef)
+    if coef.ndim != 4 or min(coef.shape) < 1:
+        raise ConfigError(f"coef must be (nx, ny, nz, C) with positive sizes, got shape {coef.shape}")
+    pts = _points(points).reshape(-1, 3).astype(np.float64)
+    C = coef.shape[3]
+    values = np.empty((len(pts), C))
+    grads = np.empty((len(pts), C, 3))
+    for c in range(C):
+        v, g = _cubic_core(np.ascontiguousarray(coef[..., c]), pts, True)
+        values[:, c] = v
+        grads[:, c] = g
+    return values, grads

@@ -513,3 +513,22 @@ def test_warp_cubic_matches_reference(dtype):
         want = get_kernel("warp_cubic", "numpy")(*args, fill=-7.0)
         assert got.dtype == dtype and (want == -7.0).any()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 if dtype == np.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [700, 20000])  # 20000: the parallel path
+def test_cubic_sample_channels_matches_per_channel_sampling(dtype, n):
+    r = np.random.default_rng(14)
+    coef = r.normal(size=(45, 63, 37, 5)).astype(dtype)
+    pts = r.uniform(-3.0, 66.0, size=(n, 3))  # some outside: mirrored
+    pts[0] = np.nan
+    vals, grads = get_kernel("cubic_sample_channels", "cpu")(coef, pts)
+    rv, rg = get_kernel("cubic_sample_channels", "numpy")(coef, pts)
+    assert vals.shape == (n, 5) and grads.shape == (n, 5, 3)
+    assert np.isnan(vals[0]).all() and np.isnan(grads[0]).all()
+    np.testing.assert_allclose(vals[1:], rv[1:], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(grads[1:], rg[1:], rtol=1e-9, atol=1e-9)
+    for c in (0, 4):  # and each channel is the scalar sampler of that channel
+        v, g = get_kernel("cubic_sample", "numpy")(np.ascontiguousarray(coef[..., c]), pts[1:50])
+        np.testing.assert_allclose(vals[1:50, c], v, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads[1:50, c], g, rtol=1e-5, atol=1e-4)
