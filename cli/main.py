@@ -45,6 +45,15 @@ class Interp(str, Enum):
     nearest = "nearest"
 
 
+def _add_subcommands():
+    from fastimpact.cli.models import app as models_app  # Typer only: keeps --version light
+
+    app.add_typer(models_app, name="models")
+
+
+_add_subcommands()
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"fastimpact {__version__}")

@@ -193,3 +193,12 @@ def test_device_choice(pair, tmp_path, capsys):
         assert not out.exists()
     code, _, err = run(["register", *pair, "-o", out, *FAST, "--device", "auto"], capsys)
     assert code == 0 and "running on the CPU" in err
+
+
+def test_models_list_and_show(capsys):
+    code, out, err = run(["models", "list"], capsys)
+    assert code == 0 and "mind-r1d2 (mind)" in out and "mind-r2d1" in out
+    code, out, err = run(["models", "show", "mind"], capsys)
+    assert code == 0 and json.loads(out)["layers"][0]["channels"] == 12
+    code, out, err = run(["models", "show", "nope"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "mind-r1d2" in err

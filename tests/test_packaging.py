@@ -30,9 +30,11 @@ def test_wheel_contents(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("fastimpact/__init__.py", "fastimpact/kernels/__init__.py", "fastimpact/kernels/cpu.py",
                      "fastimpact/cli/main.py", "fastimpact/data/mni152_t1_2mm.nii.gz",
-                     "fastimpact/data/LICENSE_MNI152.txt", "fastimpact/optimizers/asgd.py"):
+                     "fastimpact/data/LICENSE_MNI152.txt", "fastimpact/optimizers/asgd.py",
+                     "fastimpact/onnx_models/__init__.py", "fastimpact/onnx_models/mind-r1d2.onnx",
+                     "fastimpact/onnx_models/mind-r1d2.json", "fastimpact/cli/models.py"):
         assert required in names, required
-    assert not any(n.startswith(("kernels/", "cli/", "tests/")) for n in names)
+    assert not any(n.startswith(("kernels/", "cli/", "onnx_models/", "tests/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry[0]).decode()
     assert "fastimpact = fastimpact.cli.main:console_main" in text

@@ -1,0 +1,153 @@
+"""MIND-SSC, the modality-independent neighbourhood descriptor (self-similarity context), as a
+NumPy reference and as an ONNX graph.
+
+Heinrich et al., "MIND: Modality independent neighbourhood descriptor for multi-modal deformable
+registration" (MedIA 2012) and "Towards realtime multimodal fusion for image-guided interventions
+using self-similarity" (MICCAI 2013, the SSC variant). Definition used here (no learned weights):
+
+* the six neighbours of a voxel at distance ``d`` (the dilation) along the axes; the 12 pairs of
+  neighbours that are not opposite each other (distance sqrt(2) d) form the channels;
+* for a pair (a, b): ``D_ab(x)`` = mean over the (2r+1)^3 box around x (r the radius) of
+  ``(I(y + a) - I(y + b))^2``; the image is extended by edge replication;
+* ``D'_ab = D_ab - min_ab D_ab``, ``V = max(mean_ab D'_ab, eps)`` and ``MIND_ab = exp(-D'_ab / V)``.
+
+Every step is local (the receptive field is 2 (d + r) + 1 voxels), so tiled inference with a
+halo of d + r voxels equals whole-volume inference exactly. ``eps`` (1e-4) assumes the input is
+normalised to unit scale (the model's z-score normalisation); it only matters in flat regions.
+
+Run ``python -m fastimpact.onnx_models.mind`` (needs the ``onnx`` package, the ``models`` extra)
+to rebuild the shipped graphs and manifests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+EPS = 1e-4
+VARIANTS = {"mind-r1d2": (1, 2), "mind-r2d1": (2, 1)}  # name -> (radius, dilation); "mind" = mind-r1d2
+
+
+def neighbour_pairs(dilation: int):
+    """The 12 (a, b) offset pairs of MIND-SSC, in a fixed order (the channel order)."""
+    d = int(dilation)
+    six = [(-d, 0, 0), (d, 0, 0), (0, -d, 0), (0, d, 0), (0, 0, -d), (0, 0, d)]
+    pairs = [(a, b) for a, b in itertools.combinations(six, 2)
+             if sum((p - q) ** 2 for p, q in zip(a, b)) == 2 * d * d]
+    assert len(pairs) == 12  # internal invariant of the construction, not user input
+    return pairs
+
+
+def mind_ssc(image: np.ndarray, radius: int = 1, dilation: int = 2) -> np.ndarray:
+    """Reference MIND-SSC of a 3-D image: (12, X, Y, Z) float64 (see the module docstring)."""
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float64)
+    r, d = int(radius), int(dilation)
+    pad = r + d
+    p = np.pad(img, pad, mode="edge")
+    X, Y, Z = img.shape
+    inner = (X + 2 * r, Y + 2 * r, Z + 2 * r)  # the output box plus the box filter's halo
+
+    def shifted(o):
+        s = [d + o[k] for k in range(3)]
+        return p[s[0]:s[0] + inner[0], s[1]:s[1] + inner[1], s[2]:s[2] + inner[2]]
+
+    dist = np.empty((12, X, Y, Z))
+    for c, (a, b) in enumerate(neighbour_pairs(d)):
+        sq = (shifted(a) - shifted(b)) ** 2
+        box = ndimage.uniform_filter(sq, size=2 * r + 1, mode="nearest")  # only the valid part is kept
+        dist[c] = box[r:r + X, r:r + Y, r:r + Z]
+    dist -= dist.min(axis=0, keepdims=True)
+    var = np.maximum(dist.mean(axis=0, keepdims=True), EPS)
+    return np.exp(-dist / var)
+
+
+def build_graph(radius: int = 1, dilation: int = 2):
+    """The ONNX graph (opset 17) of :func:`mind_ssc`: input ``image`` [B, 1, X, Y, Z] float32,
+    output ``mind`` [B, 12, X, Y, Z]; spatial sizes are dynamic."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    r, d = int(radius), int(dilation)
+    pad = r + d
+    nodes, inits = [], []
+
+    def const(name, values, dtype=np.int64):
+        inits.append(onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    const("pads", [0, 0, pad, pad, pad, 0, 0, pad, pad, pad])
+    nodes.append(helper.make_node("Pad", ["image", "pads"], ["padded"], mode="edge"))
+    big = np.iinfo(np.int64).max
+    axes = const("axes", [2, 3, 4])
+    names = {}
+    for o in sorted({o for pair in neighbour_pairs(d) for o in pair}):
+        starts = [d + o[k] for k in range(3)]
+        ends = [-(d - o[k]) if d - o[k] > 0 else big for k in range(3)]
+        tag = "_".join(str(v) for v in o).replace("-", "m")
+        nodes.append(helper.make_node("Slice", ["padded", const(f"st_{tag}", starts), const(f"en_{tag}", ends), axes],
+                                      [f"s_{tag}"]))
+        names[o] = f"s_{tag}"
+    squares = []
+    for c, (a, b) in enumerate(neighbour_pairs(d)):
+        nodes.append(helper.make_node("Sub", [names[a], names[b]], [f"diff{c}"]))
+        nodes.append(helper.make_node("Mul", [f"diff{c}", f"diff{c}"], [f"sq{c}"]))
+        squares.append(f"sq{c}")
+    nodes.append(helper.make_node("Concat", squares, ["sqs"], axis=1))
+    k = 2 * r + 1
+    nodes.append(helper.make_node("AveragePool", ["sqs"], ["dist"], kernel_shape=[k, k, k], strides=[1, 1, 1]))
+    nodes.append(helper.make_node("ReduceMin", ["dist"], ["dmin"], axes=[1], keepdims=1))
+    nodes.append(helper.make_node("Sub", ["dist", "dmin"], ["dshift"]))
+    nodes.append(helper.make_node("ReduceMean", ["dshift"], ["dmean"], axes=[1], keepdims=1))
+    nodes.append(helper.make_node("Max", ["dmean", const("eps", [EPS], np.float32)], ["var"]))
+    nodes.append(helper.make_node("Div", ["dshift", "var"], ["ratio"]))
+    nodes.append(helper.make_node("Neg", ["ratio"], ["neg"]))
+    nodes.append(helper.make_node("Exp", ["neg"], ["mind"]))
+    graph = helper.make_graph(
+        nodes, f"mind_ssc_r{r}d{d}",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 1, "X", "Y", "Z"])],
+        [helper.make_tensor_value_info("mind", TensorProto.FLOAT, ["B", 12, "X", "Y", "Z"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="fastimpact")
+    model.ir_version = 8  # readable by onnxruntime >= 1.15
+    onnx.checker.check_model(model)
+    return model
+
+
+def manifest(name: str, radius: int, dilation: int) -> dict:
+    """The manifest entry of a MIND-SSC variant (see fastimpact.onnx_models for the format)."""
+    return {
+        "name": name,
+        "file": f"{name}.onnx",
+        "description": f"MIND-SSC self-similarity context descriptor, radius {radius}, dilation {dilation} "
+                       "(handcrafted, no learned weights; robust across modalities)",
+        "dimension": 3,
+        "input_channels": 1,
+        "layers": [{"name": "mind", "channels": 12, "stride": 1}],
+        "receptive_field": 2 * (radius + dilation) + 1,
+        "voxel_size_mm": None,
+        "size_multiple": 1,
+        "normalization": "zscore",
+        "global_normalization": False,
+        "license": "Apache-2.0 (this graph); method: Heinrich et al. 2012/2013",
+        "provenance": f"built by fastimpact/onnx_models/mind.py (radius={radius}, dilation={dilation})",
+    }
+
+
+def main() -> None:  # pragma: no cover - build script
+    import onnx
+
+    here = Path(__file__).resolve().parent
+    for name, (r, d) in VARIANTS.items():
+        onnx.save(build_graph(r, d), str(here / f"{name}.onnx"))
+        (here / f"{name}.json").write_text(json.dumps(manifest(name, r, d), indent=2) + "\n")
+        print(f"wrote {name}.onnx and {name}.json")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
