@@ -91,26 +91,23 @@ def _finite3(x, y, z):
 
 
 @_jit
+def _axis_mirror(x, n):
+    """Mirror-extended cubic taps of one coordinate: (indices, weights, d weights / dx, dy/dx)."""
+    x, s = _mirror_coord(x, n)
+    fl = math.floor(x)
+    f = x - fl
+    return _mirror_taps(int(fl) - 1, n), _w4(f), _dw4(f), s
+
+
+@_jit
 def _cubic_point(coef, x, y, z):
     """Value and index-gradient of the mirror-extended spline at one (finite or not) point."""
     nx, ny, nz = coef.shape
     if not _finite3(x, y, z):
         return np.nan, np.nan, np.nan, np.nan
-    x, sx = _mirror_coord(x, nx)
-    y, sy = _mirror_coord(y, ny)
-    z, sz = _mirror_coord(z, nz)
-    fx = math.floor(x)
-    fy = math.floor(y)
-    fz = math.floor(z)
-    ix = _mirror_taps(int(fx) - 1, nx)
-    iy = _mirror_taps(int(fy) - 1, ny)
-    iz = _mirror_taps(int(fz) - 1, nz)
-    wx = _w4(x - fx)
-    wy = _w4(y - fy)
-    wz = _w4(z - fz)
-    dwx = _dw4(x - fx)
-    dwy = _dw4(y - fy)
-    dwz = _dw4(z - fz)
+    ix, wx, dwx, sx = _axis_mirror(x, nx)
+    iy, wy, dwy, sy = _axis_mirror(y, ny)
+    iz, wz, dwz, sz = _axis_mirror(z, nz)
     # The z taps are unrolled by hand and tuple elements read once into scalars: ~30% faster
     # than indexing tuples inside the innermost loop.
     k0, k1, k2, k3 = iz
@@ -938,21 +935,9 @@ def _k_cubic_channels(coef, pts, values, grads):
                 grads[n, ch, 1] = np.nan
                 grads[n, ch, 2] = np.nan
             continue
-        x, sx = _mirror_coord(x, nx)
-        y, sy = _mirror_coord(y, ny)
-        z, sz = _mirror_coord(z, nz)
-        fx = math.floor(x)
-        fy = math.floor(y)
-        fz = math.floor(z)
-        ix = _mirror_taps(int(fx) - 1, nx)
-        iy = _mirror_taps(int(fy) - 1, ny)
-        iz = _mirror_taps(int(fz) - 1, nz)
-        wx = _w4(x - fx)
-        wy = _w4(y - fy)
-        wz = _w4(z - fz)
-        dwx = _dw4(x - fx)
-        dwy = _dw4(y - fy)
-        dwz = _dw4(z - fz)
+        ix, wx, dwx, sx = _axis_mirror(x, nx)
+        iy, wy, dwy, sy = _axis_mirror(y, ny)
+        iz, wz, dwz, sz = _axis_mirror(z, nz)
         for ch in range(C):
             values[n, ch] = 0.0
             grads[n, ch, 0] = 0.0
