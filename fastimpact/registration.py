@@ -240,7 +240,6 @@ class LevelData:
         self.moving_mask = None if moving_mask is None else np.ascontiguousarray(moving_mask, dtype=np.uint8)
         self.moving_coef = prefilter(moving.data) if moving_coef is None else moving_coef
         self.moving_inv = np.linalg.inv(moving.affine)
-        self.moving_hi = np.asarray(moving.shape, dtype=np.float64) - 1.0
 
 
 class CostFunction:
@@ -295,11 +294,10 @@ class CostFunction:
         lv = self.level
         minv = lv.moving_inv
         f2m = minv @ self.transform.affine.as_matrix() @ self.fixed_affine  # fixed voxel -> moving voxel
-        if self.stage == "bspline":
-            return self.k_pairs(flat, lv.fixed_values, lv.fixed.shape, f2m, lv.moving_coef, lv.moving_mask,
-                                self.transform.coef, self.idx_to_grid, minv[:3, :3])
+        bspline = self.stage == "bspline"
         return self.k_pairs(flat, lv.fixed_values, lv.fixed.shape, f2m, lv.moving_coef, lv.moving_mask,
-                            None, None, minv[:3, :3])
+                            self.transform.coef if bspline else None, self.idx_to_grid if bspline else None,
+                            minv[:3, :3])
 
     def evaluate(self, *, n_samples: int | None = None, gradient: bool = True):
         """Draw fresh samples; return (value, gradient w.r.t. the parameters or None)."""
@@ -352,11 +350,6 @@ class CostFunction:
             fa = self.fixed_affine
             self._corners = corners @ fa[:3, :3].T + fa[:3, 3]
         return float(np.linalg.norm(self.transform.affine.jacobian_apply(self._corners, direction, self.radius), axis=1).max())
-
-    # Jacobian probe for the optimiser's step estimation -------------------------------------
-    def probe_points(self, n: int):
-        """Voxel indices (n, 3) inside the fixed mask, for the step-size estimation."""
-        return self.sampler.draw(n)[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -744,6 +744,15 @@ def _k_affine_grid_field(A, field, L, out):
                                    + L[r, 0] * f0 + L[r, 1] * f1 + L[r, 2] * f2)
 
 
+def _field_args(field, L, shape):
+    """Validated (contiguous field (X, Y, Z, 3), 3x3 L) of the affine_grid / warp_cubic ops."""
+    L = _ref._matrix(L, (3, 3), "L")
+    field = np.ascontiguousarray(field)
+    if field.shape != shape + (3,):
+        raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
+    return field, L
+
+
 def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
     shape = tuple(int(n) for n in shape)
     A = _ref._matrix(A, (4, 4), "A")
@@ -751,10 +760,7 @@ def affine_grid(shape, A, field=None, L=None, dtype=np.float64):
     if field is None:
         _k_affine_grid(A, out)
         return out
-    L = _ref._matrix(L, (3, 3), "L")
-    field = np.ascontiguousarray(field)
-    if field.shape != shape + (3,):
-        raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
+    field, L = _field_args(field, L, shape)
     _k_affine_grid_field(A, field, L, out)
     return out
 
@@ -910,10 +916,7 @@ def warp_cubic(coef, shape, A, field=None, L=None, fill=0.0):
     A = _ref._matrix(A, (4, 4), "A")
     use_field = field is not None
     if use_field:
-        L = _ref._matrix(L, (3, 3), "L")
-        field = np.ascontiguousarray(field)
-        if field.shape != shape + (3,):
-            raise ConfigError(f"field must have shape {shape + (3,)}, got {field.shape}; pass a field on the same grid")
+        field, L = _field_args(field, L, shape)
     else:
         field, L = np.zeros((1, 1, 1, 3), dtype=np.float32), np.eye(3)
     out = np.empty(shape, dtype=coef.dtype)
