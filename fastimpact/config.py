@@ -15,19 +15,27 @@ from typing import Any
 
 from .errors import ConfigError
 
-METRIC_NAMES = ("mse", "ncc", "mi")
+METRIC_NAMES = ("mse", "ncc", "mi", "impact")
 INIT_NAMES = ("moments", "geometry", "none")
 INTERPOLATIONS = ("cubic", "linear", "nearest")
 DEVICES = ("cpu", "cuda", "auto")
 ASGD_ESTIMATIONS = ("original", "displacement_distribution")
 PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
+# IMPACT settings: per level (scalar or one entry per level); an entry holds one value per model
+# (model, moving_model, layers, voxel_size) or per kept layer (distance, layer_weights, subset,
+# pca, feature_norm), written as a space-separated string ("l2 l1") or a list; one value applies
+# to every model / layer.
+IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "distance", "layer_weights", "subset", "pca",
+                    "feature_norm")
+IMPACT_MODES = ("static", "jacobian")
 
 
 @dataclass(frozen=True)
 class RegistrationConfig:
     """All settings of one registration (units: mm, voxels, counts).
 
-    metric: similarity to minimise (mse | ncc | mi).
+    metric: similarity to minimise: mse | ncc | mi | impact, or a weighted sum such as
+        "impact + 0.1*mi" (each term ``[weight*]name``).
     levels: pyramid levels; level l has shrink factor 2**(levels-1-l) of the finest spacing.
     iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage
         (0 iterations skip a level; 0 at every level gives an affine-only registration).
@@ -45,6 +53,23 @@ class RegistrationConfig:
     seed: random seed; identical seeds give identical results on one machine.
     threads: CPU threads for the kernels (default: all cores).
     device: cpu | cuda | auto.
+
+    IMPACT (metric "impact"; see fastimpact.features.settings for how per-model / per-layer
+    entries are read):
+    mode: static (feature maps once per level, read at T(x)) or jacobian.
+    model: feature extractor(s): a built-in name (``fastimpact models list``) or an .onnx file with
+        a .json manifest; several models space-separated.
+    moving_model: model(s) for the moving image (default: the same as ``model``).
+    layers: per model, a bit string over its output layers ("01" = second layer only; default all).
+    voxel_size: per model, mm spacing of the grid the model sees (default: the level's spacing).
+    distance: per kept layer: l1 | l2 | ncc | cosine | l1cosine | dice | dotproduct.
+    layer_weights: per kept layer, weight of its distance.
+    subset: per kept layer, channels drawn at random each iteration (0 = all).
+    pca: per kept layer, principal components kept (static mode; 0 = off).
+    feature_norm: per kept layer: none | l2 | standardized (per sample feature vector).
+    tile_size: static mode: tile edge in voxels for tiled inference (0 = whole volume when it fits
+        feature_memory, else tiles chosen automatically).
+    feature_memory: static mode: memory budget of one inference, GB.
     """
 
     metric: str = "mse"
@@ -63,12 +88,25 @@ class RegistrationConfig:
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"
+    mode: str = "static"
+    model: Any = "mind"
+    moving_model: Any = None
+    layers: Any = None
+    voxel_size: Any = None
+    distance: Any = "l2"
+    layer_weights: Any = 1.0
+    subset: Any = 0
+    pca: Any = 0
+    feature_norm: Any = "none"
+    tile_size: int = 0
+    feature_memory: float = 4.0
 
     def __post_init__(self):
-        for name in PER_LEVEL:  # lists and tuples compare equal after a file round trip
+        for name in PER_LEVEL + IMPACT_PER_LEVEL:  # lists and tuples compare equal after a file round trip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        _choice("metric", self.metric, METRIC_NAMES)
+        self.metric_terms()  # validates the metric expression
+        _choice("mode", self.mode, IMPACT_MODES)
         _choice("init", self.init, INIT_NAMES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         _choice("device", self.device, DEVICES)
@@ -81,6 +119,13 @@ class RegistrationConfig:
         _number("grid_spacing", self.grid_spacing, positive=True)
         if self.max_step is not None:
             _number("max_step", self.max_step, positive=True)
+        _int("tile_size", self.tile_size, 0, 100_000)
+        _number("feature_memory", self.feature_memory, positive=True)
+        if self.uses_impact():
+            from .features.settings import impact_settings
+
+            for level in range(self.levels):
+                impact_settings(self, level, check_files=False)
         if not isinstance(self.affine, bool):
             raise ConfigError(f"affine={self.affine!r} is invalid: use true or false")
         for name in PER_LEVEL:
@@ -99,6 +144,13 @@ class RegistrationConfig:
                 "iterations and affine_iterations are 0 at every level: nothing would be optimised; "
                 "give the B-spline stage iterations (e.g. --iterations 500) or keep --affine with iterations"
             )
+
+    def metric_terms(self) -> tuple:
+        """((weight, name), ...) of the metric expression, e.g. "impact + 0.1*mi"."""
+        return parse_metric(self.metric)
+
+    def uses_impact(self) -> bool:
+        return any(name == "impact" for _, name in self.metric_terms())
 
     def per_level(self, name: str) -> tuple:
         """The value of field ``name`` for each level, coarse to fine."""
@@ -154,6 +206,28 @@ class RegistrationConfig:
             path.write_text(json.dumps(data, indent=2) + "\n")
         else:
             path.write_text(_to_toml(data))
+
+
+def parse_metric(expr) -> tuple:
+    """Parse a metric expression: ``name`` or a sum of ``[weight*]name`` terms."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise ConfigError(f"metric={expr!r} is invalid: choose one of {', '.join(METRIC_NAMES)} or a sum such as 'impact+0.1*mi'")
+    terms = []
+    for raw in expr.replace(" ", "").lower().split("+"):
+        weight, _, name = raw.rpartition("*")
+        if name not in METRIC_NAMES:
+            raise ConfigError(f"metric={expr!r}: unknown metric {name!r}; choose one of {', '.join(METRIC_NAMES)} "
+                              "(a sum: 'impact+0.1*mi')")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"metric={expr!r}: weight {weight!r} of {name} is not a number (write e.g. 0.1*mi)") from None
+        if not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"metric={expr!r}: the weight of {name} must be a positive number")
+        if any(n == name for _, n in terms):
+            raise ConfigError(f"metric={expr!r} names {name} twice: give each metric once")
+        terms.append((w, name))
+    return tuple(terms)
 
 
 def read_config_file(path) -> dict:
