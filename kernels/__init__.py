@@ -26,6 +26,7 @@ affine_grid              (shape, A, field, L) -> (X, Y, Z, 3) = A idx + L field[
 sample_pairs             fused iteration: fixed voxels -> kept (f, m, dm/dy, t or idx, keep)
 warp_cubic               (coef, shape, A, field, L, fill) -> (X, Y, Z) resampled image
 cubic_sample_channels    (coef (X, Y, Z, C), points) -> values (N, C), grads (N, C, 3); features
+cubic_sample_channels_values  (coef, points) -> values (N, C): the fixed features
 =======================  ==================================================================
 """
 

@@ -43,6 +43,7 @@ __all__ = [
     "sample_pairs",
     "warp_cubic",
     "cubic_sample_channels",
+    "cubic_sample_channels_values",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -539,3 +540,9 @@ def cubic_sample_channels(coef, points):
         values[:, c] = v
         grads[:, c] = g
     return values, grads
+
+
+def cubic_sample_channels_values(coef, points):
+    """Values only of :func:`cubic_sample_channels`: (N, C) float64 (the fixed features, whose
+    gradient the metric never needs)."""
+    return cubic_sample_channels(coef, points)[0]

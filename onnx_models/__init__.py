@@ -10,7 +10,8 @@ file                   the ONNX file, relative to the manifest
 description            one line
 dimension              2 or 3 (spatial dimensions of the input)
 input_channels         C_in (1 for grey, 3 for RGB models: grey is replicated)
-layers                 list of {name, channels, stride}, one per ONNX output, in order
+layers                 list of {name, channels, stride[, receptive_field]}, one per ONNX output,
+                       in order (a layer's receptive field defaults to the model's)
 receptive_field        voxels of the input that one output voxel of the last layer sees
 voxel_size_mm          voxel size the model expects (null: any; the level's spacing is used)
 size_multiple          spatial sizes must be multiples of this (1: any size)
@@ -43,6 +44,7 @@ class LayerSpec:
     name: str
     channels: int
     stride: int = 1
+    receptive_field: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class ModelSpec:
         return {
             "name": self.name, "file": self.path.name, "description": self.description,
             "dimension": self.dimension, "input_channels": self.input_channels,
-            "layers": [{"name": l.name, "channels": l.channels, "stride": l.stride} for l in self.layers],
+            "layers": [{"name": l.name, "channels": l.channels, "stride": l.stride,
+                        **({"receptive_field": l.receptive_field} if l.receptive_field else {})} for l in self.layers],
             "receptive_field": self.receptive_field, "voxel_size_mm": self.voxel_size_mm,
             "size_multiple": self.size_multiple, "normalization": self.normalization,
             "global_normalization": self.global_normalization, "license": self.license,
@@ -100,8 +103,10 @@ def _spec_from_manifest(data: dict, manifest_path: Path) -> ModelSpec:
     for i, layer in enumerate(layers):
         if not isinstance(layer, dict) or "channels" not in layer:
             raise ConfigError(f"{where}: layer {i} must be an object with name, channels and stride")
+        rf = layer.get("receptive_field")
         specs.append(LayerSpec(str(layer.get("name", f"layer{i}")), positive_int(f"layers[{i}].channels", layer["channels"]),
-                               positive_int(f"layers[{i}].stride", layer.get("stride", 1))))
+                               positive_int(f"layers[{i}].stride", layer.get("stride", 1)),
+                               None if rf is None else positive_int(f"layers[{i}].receptive_field", rf)))
     vox = data.get("voxel_size_mm")
     if vox is not None and (isinstance(vox, bool) or not isinstance(vox, (int, float)) or vox <= 0):
         raise ConfigError(f"{where}: voxel_size_mm={vox!r} must be a positive number or null")

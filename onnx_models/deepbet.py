@@ -311,7 +311,8 @@ def export_onnx(model, path: Path) -> None:
 
 def manifest() -> dict:
     """The manifest entry (see fastimpact.onnx_models for the format)."""
-    layers = [{"name": n, "channels": c, "stride": s} for n, c, s in STAGES]
+    layers = [{"name": n, "channels": c, "stride": s, "receptive_field": rf}
+              for (n, c, s), rf in zip(STAGES, RECEPTIVE_FIELDS)]
     return {
         "name": NAME,
         "file": f"{NAME}.onnx",

@@ -528,6 +528,10 @@ def test_cubic_sample_channels_matches_per_channel_sampling(dtype, n):
     assert np.isnan(vals[0]).all() and np.isnan(grads[0]).all()
     np.testing.assert_allclose(vals[1:], rv[1:], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(grads[1:], rg[1:], rtol=1e-9, atol=1e-9)
+    only = get_kernel("cubic_sample_channels_values", "cpu")(coef, pts)
+    assert only.shape == (n, 5) and np.isnan(only[0]).all()
+    np.testing.assert_allclose(only[1:], rv[1:], rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(get_kernel("cubic_sample_channels_values", "numpy")(coef, pts)[1:], rv[1:])
     for c in (0, 4):  # and each channel is the scalar sampler of that channel
         v, g = get_kernel("cubic_sample", "numpy")(np.ascontiguousarray(coef[..., c]), pts[1:50])
         np.testing.assert_allclose(vals[1:50, c], v, rtol=1e-5, atol=1e-5)
