@@ -325,7 +325,7 @@ def run_elastix(fixed: Path, moving: Path, out: Path, maps, threads: int, timeou
 
 
 def run_fastimpact(fixed: Path, moving: Path, out: Path, metric: str, args, threads: int,
-                   timeout: float, numba_cache: Path | None) -> dict:
+                   timeout: float, numba_cache: Path | None, extra=()) -> dict:
     cmd = _fastimpact_command() + [
         "register", str(fixed), str(moving), "-o", str(out), "--metric", metric, "--json", "--force",
         "--levels", str(args.levels), "--iterations", str(args.iterations),
@@ -333,8 +333,9 @@ def run_fastimpact(fixed: Path, moving: Path, out: Path, metric: str, args, thre
         "--affine" if args.affine else "--no-affine", "--affine-iterations", str(args.affine_iterations),
         "--seed", str(args.seed), "--threads", str(threads),
     ]
-    if metric == "mi":
+    if "mi" in metric:
         cmd += ["--bins", str(args.bins)]
+    cmd += list(extra)
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     if numba_cache is not None:
         env["NUMBA_CACHE_DIR"] = str(numba_cache)
@@ -398,7 +399,7 @@ def _stage_summary(tool: str, r: dict) -> str:
         keys = [("import", "import"), ("load", "load"), ("registration", "reg"),
                 ("deformation_field", "field"), ("write", "write")]
     else:
-        keys = [("load", "load"), ("pyramid", "pyr"), ("affine_stage", "affine"),
+        keys = [("load", "load"), ("pyramid", "pyr"), ("features", "features"), ("affine_stage", "affine"),
                 ("bspline_stage", "bspline"), ("dense_field", "field"), ("warp", "warp"), ("write", "write")]
     parts = [f"{short} {float(t[k]):.1f}" for k, short in keys if k in t]
     if tool == "elastix" and r.get("levels"):

@@ -19,7 +19,7 @@ from fastimpact import __version__
 
 app = typer.Typer(
     name="fastimpact",
-    help="Fast deformable 3-D medical image registration (B-spline FFD + ASGD; MSE, NCC, MI).",
+    help="Fast deformable 3-D medical image registration (B-spline FFD + ASGD; MSE, NCC, MI, IMPACT).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -31,6 +31,11 @@ class Metric(str, Enum):
     mse = "mse"
     ncc = "ncc"
     mi = "mi"
+
+
+class Mode(str, Enum):
+    static = "static"
+    jacobian = "jacobian"
 
 
 class Device(str, Enum):
@@ -46,9 +51,11 @@ class Interp(str, Enum):
 
 
 def _add_subcommands():
-    from fastimpact.cli.models import app as models_app  # Typer only: keeps --version light
+    from fastimpact.cli.features import features  # Typer only: keeps --version light
+    from fastimpact.cli.models import app as models_app
 
     app.add_typer(models_app, name="models")
+    app.command("features")(features)
 
 
 _add_subcommands()
@@ -105,7 +112,7 @@ def register(
     fixed: Annotated[Path, typer.Argument(help="Fixed (reference) image, NIfTI .nii/.nii.gz.")],
     moving: Annotated[Path, typer.Argument(help="Moving image, NIfTI .nii/.nii.gz.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("fastimpact-out"),
-    metric: Annotated[Optional[Metric], typer.Option(help="Similarity metric.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Similarity metric: mse | ncc | mi | impact, or a weighted sum such as 'impact+0.1*mi'. [default: mse]")] = None,
     fixed_mask: Annotated[Optional[Path], typer.Option("--fixed-mask", help="Mask on the fixed grid (voxels > 0 are sampled).")] = None,
     moving_mask: Annotated[Optional[Path], typer.Option("--moving-mask", help="Mask on the moving grid (samples mapping outside are dropped).")] = None,
     levels: Annotated[Optional[int], typer.Option(help="Pyramid levels (shrink factors 2^(L-1) ... 1). [default: 3]")] = None,
@@ -121,7 +128,20 @@ def register(
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads. [default: all cores]")] = None,
     device: Annotated[Optional[Device], typer.Option(help="cpu | cuda | auto. [default: cpu]")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON settings file (command-line options override it).")] = None,
+    mode: Annotated[Optional[Mode], typer.Option(help="IMPACT mode: static (feature maps once per level). [default: static]", rich_help_panel="IMPACT")] = None,
+    model: Annotated[Optional[str], typer.Option(help="IMPACT model(s): built-in name (fastimpact models list) or .onnx with a .json manifest; several space-separated. [default: mind]", rich_help_panel="IMPACT")] = None,
+    moving_model: Annotated[Optional[str], typer.Option("--moving-model", help="IMPACT model(s) for the moving image. [default: --model]", rich_help_panel="IMPACT")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Layer bit mask per model, e.g. 01 = second output only. [default: all]", rich_help_panel="IMPACT")] = None,
+    distance: Annotated[Optional[str], typer.Option(help="Per layer: l1 | l2 | ncc | cosine | l1cosine | dice | dotproduct. [default: l2]", rich_help_panel="IMPACT")] = None,
+    layer_weights: Annotated[Optional[str], typer.Option("--layer-weights", help="Per layer weight. [default: 1]", rich_help_panel="IMPACT")] = None,
+    pca: Annotated[Optional[str], typer.Option(help="Per layer PCA components (0 = off). [default: 0]", rich_help_panel="IMPACT")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="Per layer random channels per iteration (0 = all). [default: 0]", rich_help_panel="IMPACT")] = None,
+    feature_norm: Annotated[Optional[str], typer.Option("--feature-norm", help="Per layer: none | l2 | standardized. [default: none]", rich_help_panel="IMPACT")] = None,
+    voxel_size: Annotated[Optional[str], typer.Option("--voxel-size", help="Per model voxel size (mm) of the grid the model sees. [default: the level's spacing]", rich_help_panel="IMPACT")] = None,
+    tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Tile edge (voxels) for tiled feature inference; 0 = automatic. [default: 0]", rich_help_panel="IMPACT")] = None,
+    feature_memory: Annotated[Optional[float], typer.Option("--feature-memory", help="Memory budget of one feature inference, GB. [default: 4]", rich_help_panel="IMPACT")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON settings file (command-line options override it). IMPACT options take per-level values separated by ';' (e.g. --distance 'l2;l2;l1').")] = None,
+    elastix_params: Annotated[Optional[Path], typer.Option("--elastix-params", help="Import an elastix parameter file (including the reference's Impact* keys); --config and options override it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ):
@@ -137,11 +157,28 @@ def register(
         for k, v in dict(
             metric=metric, levels=levels, iterations=iterations, samples=samples, grid_spacing=grid_spacing,
             affine=affine, affine_iterations=affine_iterations, init=init, bins=bins, bending_weight=bending_weight,
-            interpolation=interpolation, seed=seed, threads=threads, device=device,
+            interpolation=interpolation, seed=seed, threads=threads, device=device, mode=mode,
+            model=_per_level(model), moving_model=_per_level(moving_model), layers=_per_level(layers),
+            distance=_per_level(distance), layer_weights=_per_level(layer_weights), pca=_per_level(pca),
+            subset=_per_level(subset), feature_norm=_per_level(feature_norm), voxel_size=_per_level(voxel_size),
+            tile_size=tile_size, feature_memory=feature_memory,
         ).items()
         if v is not None
     }
-    cfg = RegistrationConfig.load(config) if config is not None else RegistrationConfig()
+    base, source = {}, "settings"
+    if elastix_params is not None:
+        from fastimpact.elastix_params import config_from_elastix
+
+        base, warnings = config_from_elastix(elastix_params)
+        if not as_json:
+            for w in warnings:
+                typer.echo(f"note: {w}", err=True)
+    if config is not None:
+        from fastimpact.config import read_config_file
+
+        base.update(read_config_file(config))
+        source = f"config file '{config}'"
+    cfg = RegistrationConfig.from_dict(base, source=source) if base else RegistrationConfig()
     cfg = cfg.with_options(**options)
     # Fail on an unusable output folder before spending minutes registering.
     from fastimpact.registration import OUTPUT_NAMES
@@ -149,6 +186,13 @@ def register(
     check_output_dir(output, force=force, names=list(OUTPUT_NAMES))
     summary = _run_registration(fixed, moving, output, cfg, fixed_mask, moving_mask, force, as_json, t0)
     _emit(summary, as_json)
+
+
+def _per_level(value: str | None):
+    """An IMPACT option: 'a;b;c' gives one entry per level, anything else one entry for all."""
+    if value is None or ";" not in value:
+        return value
+    return tuple(v.strip() for v in value.split(";"))
 
 
 def _run_registration(fixed, moving, output, cfg, fixed_mask, moving_mask, force, as_json, t0, truth=None):

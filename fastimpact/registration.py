@@ -243,15 +243,20 @@ class LevelData:
 
 
 class CostFunction:
-    """Metric value and gradient of the current stage's parameters at random samples."""
+    """Metric value and gradient of the current stage's parameters at random samples.
+
+    ``metric``: a list of (weight, intensity metric) terms (or a single metric); ``impact``: an
+    optional (weight, StaticImpact) term. All terms see the same kept samples.
+    """
 
     def __init__(self, level: LevelData, metric, sampler, transform: CompositeTransform, stage: str,
                  backend: str, bending: BendingEnergy | None = None, bending_weight: float = 0.0,
-                 radius: float = 1.0, level_index: int = 0):
+                 radius: float = 1.0, level_index: int = 0, impact=None):
         from .kernels import get_kernel
 
         self.level = level
-        self.metric = metric
+        self.terms = list(metric) if isinstance(metric, (list, tuple)) else ([(1.0, metric)] if metric is not None else [])
+        self.impact = impact
         self.sampler = sampler
         self.transform = transform
         self.stage = stage
@@ -261,6 +266,7 @@ class CostFunction:
         self.level_index = level_index
         self.backend = backend
         self.k_pairs = get_kernel("sample_pairs", backend)
+        self.k_eval = get_kernel("bspline_eval", backend)
         from .kernels import cpu as _cpu  # host-side helper (the parameters live on the host)
 
         self.k_absmax3 = _cpu.absmax3
@@ -303,10 +309,42 @@ class CostFunction:
         """Draw fresh samples; return (value, gradient w.r.t. the parameters or None)."""
         return self.evaluate_at(self.sampler.draw_flat(n_samples), gradient=gradient)
 
+    def _map_points(self, flat: np.ndarray):
+        """Fixed voxels -> (kept flat indices, x world (K, 3), y = T(x) world (K, 3), pts (K, 3)) with
+        the points mapping outside the moving image (or its mask) dropped, as sample_pairs does."""
+        lv = self.level
+        idx = np.stack(np.unravel_index(flat, lv.fixed.shape), axis=1).astype(np.float64)
+        fa = self.fixed_affine
+        x = idx @ fa[:3, :3].T + fa[:3, 3]
+        a = self.transform.affine.as_matrix()
+        y = x @ a[:3, :3].T + a[:3, 3]
+        if self.stage == "bspline":
+            g = self.idx_to_grid
+            pts = np.ascontiguousarray(idx @ g[:3, :3].T + g[:3, 3])
+            y += self.k_eval(self.transform.coef, pts)
+        else:
+            pts = idx
+        minv = lv.moving_inv
+        q = y @ minv[:3, :3].T + minv[:3, 3]
+        hi = np.asarray(lv.moving.shape, dtype=np.float64) - 1.0
+        keep = np.all((q >= 0.0) & (q <= hi), axis=1)
+        if lv.moving_mask is not None and keep.any():
+            r = np.floor(q[keep] + 0.5).astype(np.intp)
+            keep[np.flatnonzero(keep)[lv.moving_mask[r[:, 0], r[:, 1], r[:, 2]] == 0]] = False
+        return flat[keep], x[keep], y[keep], pts[keep]
+
     def evaluate_at(self, flat: np.ndarray, *, gradient: bool = True):
         """Value and gradient at given fixed voxels (flat indices (N,) of the level's fixed image)."""
-        f, m, gy, pts, _ = self._pairs(flat)
-        n_ok, n = len(f), len(flat)
+        n = len(flat)
+        if self.impact is not None:
+            flat_k, x, y, pts = self._map_points(np.asarray(flat, dtype=np.int64))
+        else:
+            flat_k = flat
+        if self.terms:
+            f, m, gy, pts, keep = self._pairs(flat_k)
+            if self.impact is not None and not keep.all():
+                x, y = x[keep], y[keep]
+        n_ok = len(pts)
         self.last_valid = n_ok
         if n_ok < max(MIN_VALID_POINTS, MIN_VALID_FRACTION * n):
             raise RegistrationError(
@@ -316,20 +354,35 @@ class CostFunction:
                 "image orientations, keep the affine initialisation on, or fix the masks"
             )
         bend = self.bending is not None and self.bending_weight > 0
+        value = 0.0
+        if self.terms:
+            if gradient:
+                dsum = None
+                for w, metric in self.terms:
+                    v, dm = metric.value_and_derivative(f, m)
+                    value += w * v
+                    dsum = w * dm if dsum is None else dsum + w * dm
+                gy *= dsum[:, None]  # d value / d moving point, world mm
+            else:
+                value = sum(w * metric.value(f, m) for w, metric in self.terms)
+        if self.impact is not None:
+            w, term = self.impact
+            v, gi = term.value_and_gradient(x, y, gradient)
+            value += w * v
+            if gradient:
+                gy = w * gi if not self.terms else gy + w * gi
         if not gradient:
-            value = self.metric.value(f, m)
             if bend:
                 value += self.bending_weight * self.bending.value_and_gradient(self.transform.coef)[0]
             return float(value), None
-        value, dm = self.metric.value_and_derivative(f, m)
-        gy *= dm[:, None]  # d value / d moving point, world mm
         if self.stage == "affine":
             fa = self.fixed_affine
             grad = self.transform.affine.gradient_from_points(pts @ fa[:3, :3].T + fa[:3, 3], gy, self.radius)
         else:
             if getattr(self, "_grad_buf", None) is None or self._grad_buf.shape[:3] != tuple(self.transform.grid.shape):
                 self._grad_buf = np.empty(tuple(self.transform.grid.shape) + (3,))
-            grad = self.k_scatter(pts, gy, self.transform.grid.shape, out=self._grad_buf).ravel()
+            grad = self.k_scatter(np.ascontiguousarray(pts), np.ascontiguousarray(gy), self.transform.grid.shape,
+                                  out=self._grad_buf).ravel()
             if bend:
                 be, gbe = self.bending.value_and_gradient(self.transform.coef)
                 value += self.bending_weight * be
@@ -362,7 +415,8 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     fixed, moving, masks: file paths, fastimpact.Image, or (array, affine) pairs (affine: voxel
     index -> world RAS mm). Options are RegistrationConfig fields (metric, levels, iterations,
     samples, grid_spacing, affine, seed, threads, device, ...) and override ``config``.
-    callback(event: str, info: dict) is called with 'level_start', 'iteration', 'level_end'.
+    callback(event: str, info: dict) is called with 'level_start', 'iteration', 'level_end' (whose
+    info holds the level's report and the current ``transform``).
     Returns a Result; ``result.save(outdir)`` writes the standard outputs.
     """
     from .backend import resolve_device, set_threads
@@ -439,7 +493,44 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         "stages": [],
     }
 
-    metric_opts = {"bins": cfg.bins} if cfg.metric == "mi" else {}
+    terms = cfg.metric_terms()
+    impact_weight = next((w for w, name in terms if name == "impact"), None)
+    intensity_terms = [(w, name) for w, name in terms if name != "impact"]
+    impact_levels: list = [None] * cfg.levels
+    norm_cache: dict = {}
+
+    def normalizer(role, img, mask):
+        from .features.maps import IntensityNormalization
+
+        def get(spec):
+            key = (role, spec.normalization)
+            if key not in norm_cache:
+                norm_cache[key] = IntensityNormalization.from_image(img.data, mask, spec.normalization)
+            return norm_cache[key]
+
+        return get
+
+    def impact_term(i):
+        """The static IMPACT term of level i (feature maps computed once, shared by both stages)."""
+        if impact_levels[i] is None:
+            from .features.settings import impact_settings
+            from .metrics.impact import build_static_impact
+
+            lv = level_data(i)
+            impact_levels[i] = build_static_impact(
+                impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
+                tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
+                backend=backend, timings=timings)
+        for p in impact_levels[i].pairs:
+            p.scale = None  # each stage's loss normalisation starts afresh
+        return impact_levels[i]
+
+    if impact_weight is not None:
+        from .features.settings import impact_settings
+
+        for i in range(cfg.levels):
+            impact_settings(cfg, i)  # models exist, layers and channels match: fail before any work
     if cfg.max_step is not None:
         max_step = float(cfg.max_step)
     else:
@@ -472,13 +563,18 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
             if n_it == 0:
                 continue
             lv = level_data(li)
-            metric = make_metric(cfg.metric, **metric_opts)
-            metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
+            metrics = []
+            for w, name in intensity_terms:
+                metric = make_metric(name, **({"bins": cfg.bins} if name == "mi" else {}))
+                metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
+                metrics.append((w, metric))
+            impact = (impact_weight, impact_term(li)) if impact_weight is not None else None
             from .samplers import RandomSampler
 
             sampler = RandomSampler(lv.fixed.shape, lv.fixed_mask, samples[li], cfg.seed,
                                     stream=(stages.index(stage), li))
-            cost = CostFunction(lv, metric, sampler, transform, stage, backend, bending, bend_w[li], radius, li)
+            cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li], radius, li,
+                                impact=impact)
             info = _optimise(cost, n_it, lv, cfg, callback, stage, li, max_step)
             report["stages"].append(info)
         timings[f"{stage}_stage"] = time.perf_counter() - t_stage
@@ -606,7 +702,7 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
                  **{k: float(v) for k, v in params.info.items()}},
     }
     if callback:
-        callback("level_end", info)
+        callback("level_end", {**info, "transform": cost.transform})
     return info
 
 

@@ -169,6 +169,9 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
             fnorm = str(norm[j]).lower()
             if fnorm not in FEATURE_NORMS:
                 raise ConfigError(f"feature_norm={norm[j]!r} is invalid: choose one of {', '.join(FEATURE_NORMS)}")
+            if d == "dice" and fnorm == "standardized":
+                raise ConfigError("distance=dice with feature_norm=standardized is invalid: standardised feature "
+                                  "vectors sum to 0, so Dice's denominator vanishes; use feature_norm none or l2")
             sub = _as_int("subset", subset[j], 0)
             npca = _as_int("pca", pca[j], 0)
             if specs is not None:

@@ -1,0 +1,185 @@
+"""IMPACT static mode in the registration: exact cost gradients, the moving features read on their
+own grid (no double warp), combination with other metrics, masks, configuration errors."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from conftest import blob_volume  # noqa: E402
+from fastimpact import register  # noqa: E402
+from fastimpact.config import RegistrationConfig  # noqa: E402
+from fastimpact.errors import ConfigError  # noqa: E402
+from fastimpact.features.maps import IntensityNormalization  # noqa: E402
+from fastimpact.features.settings import impact_settings  # noqa: E402
+from fastimpact.image import Image  # noqa: E402
+from fastimpact.metrics import make_metric  # noqa: E402
+from fastimpact.metrics.impact import build_static_impact  # noqa: E402
+from fastimpact.registration import CostFunction, LevelData  # noqa: E402
+from fastimpact.samplers import RandomSampler  # noqa: E402
+from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform  # noqa: E402
+
+AFF_F = np.array([[1.9, 0.2, 0, -20], [-0.2, 1.9, 0, 5], [0, 0, 2.1, 3], [0, 0, 0, 1]])
+AFF_M = np.array([[2.0, 0, 0, -22], [0, 2.0, 0, 4], [0, 0, 2.0, 2], [0, 0, 0, 1]])
+
+
+def _norms(img):
+    return lambda spec: IntensityNormalization.from_image(img.data, None, spec.normalization)
+
+
+def _cost(stage, *, with_mi=False, **impact_options):
+    rng = np.random.default_rng(5)
+    fixed = Image(blob_volume(seed=1), AFF_F)
+    # a different contrast of the same blobs, shifted: a multimodal pair
+    mov = blob_volume(seed=1, shift=(0.7, -0.4, 0.3))
+    moving = Image((np.sqrt(mov + 1.0) * 10).astype(np.float32), AFF_M)
+    lv = LevelData(fixed, moving, None, None)
+    cfg = RegistrationConfig(metric="impact", levels=1, **impact_options)
+    term = build_static_impact(impact_settings(cfg, 0), fixed, moving, _norms(fixed), _norms(moving), seed=1)
+    grid = BSplineGrid.for_image(fixed.shape, fixed.affine, 14.0)
+    tr = CompositeTransform(AffineTransform(np.eye(3) + 0.01 * rng.normal(size=(3, 3)), rng.normal(size=3),
+                                            fixed.center()), grid, 0.8 * rng.normal(size=tuple(grid.shape) + (3,)))
+    metrics = []
+    if with_mi:
+        from scipy import ndimage
+
+        lv.moving_coef = ndimage.spline_filter(moving.data.astype(np.float64), order=3, mode="mirror")
+        mi = make_metric("mi")
+        mi.prepare(fixed.data, moving.data)
+        metrics = [(0.1, mi)]
+    sampler = RandomSampler(fixed.shape, None, 3000, seed=3)
+    cost = CostFunction(lv, metrics, sampler, tr, stage, "cpu", radius=30.0, impact=(1.0, term))
+    flat, idx = sampler.draw()
+    q = moving.world_to_index(tr.map_world(fixed.index_to_world(idx)))
+    inner = np.all((q > 1.0) & (q < np.array(moving.shape) - 2.0), axis=1)
+    return cost, flat[inner]
+
+
+def _fd_check(cost, flat, stage):
+    theta = cost.get_parameters()
+    value, grad = cost.evaluate_at(flat)
+    grad = grad.copy()
+    rng = np.random.default_rng(0)
+    picks = np.arange(12) if stage == "affine" else rng.choice(
+        np.flatnonzero(np.abs(grad) > 1e-3 * np.abs(grad).max()), 10, replace=False)
+    eps = 1e-4 if stage == "affine" else 1e-3
+    num = []
+    for k in picks:
+        vals = []
+        for s in (1, -1):
+            th = theta.copy()
+            th[k] += s * eps
+            cost.set_parameters(th)
+            vals.append(cost.evaluate_at(flat, gradient=False)[0])
+        num.append((vals[0] - vals[1]) / (2 * eps))
+    cost.set_parameters(theta)
+    np.testing.assert_allclose(grad[picks], num, rtol=2e-3, atol=2e-4 * np.abs(grad).max())
+    return value
+
+
+@pytest.mark.parametrize("stage", ["affine", "bspline"])
+@pytest.mark.parametrize("options", [
+    {"distance": "l2"},
+    {"distance": "l1", "feature_norm": "l2"},
+    {"distance": "cosine"},
+    {"distance": "ncc", "pca": 4},
+    {"distance": "l1cosine", "feature_norm": "standardized"},
+    {"distance": "dice"},
+    {"distance": "dotproduct", "model": "mind mind-r2d1", "layer_weights": "1 0.5"},
+])
+def test_impact_cost_gradient_matches_finite_differences(stage, options):
+    cost, flat = _cost(stage, **options)
+    _fd_check(cost, flat, stage)
+
+
+def test_impact_plus_mi_gradient_and_value_is_the_weighted_sum():
+    cost, flat = _cost("bspline", with_mi=True, distance="l2")
+    both = _fd_check(cost, flat, "bspline")
+    w_i, term = cost.impact
+    cost.terms, cost.impact = [], (w_i, term)
+    impact_only = cost.evaluate_at(flat, gradient=False)[0]
+    cost2, _ = _cost("bspline", with_mi=True, distance="l2")
+    cost2.impact = None
+    mi_only = cost2.evaluate_at(flat, gradient=False)[0]
+    assert both == pytest.approx(impact_only + mi_only, rel=1e-9)
+
+
+def test_subset_draws_channels_per_evaluation():
+    cost, flat = _cost("bspline", distance="l2", subset=3)
+    values = {round(cost.evaluate_at(flat, gradient=False)[0], 12) for _ in range(6)}
+    assert len(values) > 1  # a different random subset each call
+
+
+def test_static_mode_recovers_a_pure_translation_at_every_level():
+    """Moving = fixed content displaced by 10 mm along x (through its affine). Moving features are
+    computed on the moving grid and read at T(x): every level must keep T(x) - x = (10, 0, 0); a
+    double warp (features of the warped image read at T(x) again) would drift from it."""
+    data = blob_volume(shape=(44, 48, 40), seed=7)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff_m = aff.copy()
+    aff_m[0, 3] = 10.0
+    seen = []
+
+    def callback(event, info):
+        if event == "level_end":
+            tr = info["transform"]
+            pts = np.argwhere(np.ones((44, 48, 40), bool))[::97].astype(np.float64) * 2.0
+            inner = np.all((pts > 16) & (pts < np.array([72, 80, 64])), axis=1)
+            seen.append((info["stage"], info["level"], tr.map_world(pts[inner]) - pts[inner]))
+
+    register((data, aff), (data, aff_m), metric="impact", init="none", levels=3, iterations=150,
+             affine_iterations=150, samples=1500, seed=0, callback=callback, threads=2)
+    assert len(seen) == 6
+    for stage, level, disp in seen:
+        err = np.linalg.norm(disp - np.array([10.0, 0.0, 0.0]), axis=1)
+        assert err.mean() < (1.0 if (stage, level) == ("affine", 1) else 0.5), (stage, level, err.mean())
+
+
+def test_impact_with_masks_and_combination_recovers_a_shift():
+    data = blob_volume(shape=(36, 40, 32), seed=2)
+    shifted = blob_volume(shape=(36, 40, 32), seed=2, shift=(1.0, 0.0, -0.5))
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask = np.zeros(data.shape, np.uint8)
+    mask[4:-4, 4:-4, 4:-4] = 1
+    res = register((data, aff), (shifted, aff), metric="impact+0.1*mi", fixed_mask=(mask, aff),
+                   moving_mask=(mask, aff), levels=2, iterations=0, affine_iterations=150, samples=1000, threads=2)
+    assert res.report["timings_s"]["features"] > 0
+    # the true displacement is +1 voxel (2 mm) in x and -0.5 voxel (-1 mm) in z at every point
+    u = res.displacement[8:-8, 8:-8, 8:-8]
+    err = np.linalg.norm(u - np.array([2.0, 0.0, -1.0]), axis=-1)
+    assert err.mean() < 0.05
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"model": "nosuchmodel"}, "unknown model"),
+    ({"layers": "0"}, "layers"),
+    ({"layers": "11"}, "at most 1"),
+    ({"distance": "l3"}, "distance"),
+    ({"pca": 13}, "pca"),
+    ({"distance": "l2 l1"}, "distance has 2 values"),
+    ({"feature_norm": "max"}, "feature_norm"),
+    ({"mode": "jacobian"}, "jacobian"),
+    ({"model": "mind", "moving_model": "deepbet"}, "same number of channels"),
+])
+def test_bad_impact_settings_are_rejected_before_any_work(options, needle):
+    data = blob_volume(seed=0)
+    with pytest.raises(ConfigError, match=needle):
+        register((data, np.eye(4)), (data, np.eye(4)), metric="impact", **options)
+
+
+@pytest.mark.parametrize("expr, needle", [("impact+", "unknown metric"), ("0*mi", "positive"),
+                                          ("x*mi", "not a number"), ("mi+mi", "twice")])
+def test_metric_expressions_are_validated(expr, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RegistrationConfig(metric=expr)
+
+
+def test_per_level_impact_settings():
+    cfg = RegistrationConfig(metric="impact", levels=3, distance=["l1", "l2", "l2 l1"], model=("mind", "mind",
+                             "mind mind-r2d1"), pca=[0, 0, "0 4"], voxel_size=[4, 2, None])
+    lv0, lv2 = impact_settings(cfg, 0), impact_settings(cfg, 2)
+    assert [m.fixed_model for m in lv2.models] == ["mind", "mind-r2d1"]
+    assert [u.distance for m in lv2.models for u in m.layers] == ["l2", "l1"]
+    assert [u.pca for m in lv2.models for u in m.layers] == [0, 4]
+    assert lv0.models[0].layers[0].distance == "l1" and lv0.models[0].voxel_size == 4.0
+    assert lv2.models[0].voxel_size is None
