@@ -165,6 +165,13 @@ def register(
         ).items()
         if v is not None
     }
+    impact_given = [k for k in ("mode", "model", "moving_model", "layers", "distance", "layer_weights", "pca", "subset",
+                                "feature_norm", "voxel_size", "tile_size", "feature_memory") if k in options]
+    if impact_given and "metric" in options and "impact" not in str(options["metric"]).lower():
+        from fastimpact.errors import ConfigError
+
+        raise ConfigError(f"--{impact_given[0].replace('_', '-')} applies to the IMPACT metric, but --metric is "
+                          f"{options['metric']!r}: add impact to --metric (e.g. 'impact' or 'impact+0.1*mi') or drop it")
     base, source = {}, "settings"
     if elastix_params is not None:
         from fastimpact.elastix_params import config_from_elastix

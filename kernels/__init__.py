@@ -27,6 +27,7 @@ sample_pairs             fused iteration: fixed voxels -> kept (f, m, dm/dy, t o
 warp_cubic               (coef, shape, A, field, L, fill) -> (X, Y, Z) resampled image
 cubic_sample_channels    (coef (X, Y, Z, C), points) -> values (N, C), grads (N, C, 3); features
 cubic_sample_channels_values  (coef, points) -> values (N, C): the fixed features
+prefilter_channels       (data (X, Y, Z, C)) -> float32 cubic B-spline coefficients per channel
 =======================  ==================================================================
 """
 

@@ -1002,6 +1002,96 @@ def cubic_sample_channels_values(coef, points):
     return values
 
 
+_POLE = math.sqrt(3.0) - 2.0  # the cubic B-spline's pole
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _filter_line(line, n, C, horizon):
+    """In place: cubic B-spline coefficients of ``line`` (n, C) float64, mirror boundary."""
+    z = _POLE
+    for ch in range(C):
+        for k in range(n):
+            line[k, ch] *= 6.0  # (1 - z)(1 - 1/z)
+    # causal initial value: the sum over the mirror-extended line, truncated where |z|^k is below
+    # double precision for long lines, in closed form for short ones
+    for ch in range(C):
+        if horizon < n:
+            acc = line[0, ch]
+            zk = z
+            for k in range(1, horizon):
+                acc += zk * line[k, ch]
+                zk *= z
+        else:
+            zn = z ** (n - 1)
+            z2n = zn * zn
+            acc = line[0, ch] + zn * line[n - 1, ch]
+            zk = z
+            for k in range(1, n - 1):
+                acc += (zk + z2n / zk) * line[k, ch]
+                zk *= z
+            acc /= 1.0 - z2n
+        line[0, ch] = acc
+    for k in range(1, n):
+        for ch in range(C):
+            line[k, ch] += z * line[k - 1, ch]
+    for ch in range(C):
+        line[n - 1, ch] = (z / (z * z - 1.0)) * (line[n - 1, ch] + z * line[n - 2, ch])
+    for k in range(n - 2, -1, -1):
+        for ch in range(C):
+            line[k, ch] = z * (line[k + 1, ch] - line[k, ch])
+
+
+@_pjit
+def _k_prefilter_axis(data, axis, horizon):
+    nx, ny, nz, C = data.shape
+    shape = (nx, ny, nz)
+    n = shape[axis]
+    o1 = 1 if axis == 0 else 0
+    o2 = 2 if axis != 2 else 1
+    m1 = shape[o1]
+    m2 = shape[o2]
+    for p in prange(m1 * m2):
+        a = p // m2
+        b = p % m2
+        line = np.empty((n, C))
+        for k in range(n):
+            if axis == 0:
+                for ch in range(C):
+                    line[k, ch] = data[k, a, b, ch]
+            elif axis == 1:
+                for ch in range(C):
+                    line[k, ch] = data[a, k, b, ch]
+            else:
+                for ch in range(C):
+                    line[k, ch] = data[a, b, k, ch]
+        _filter_line(line, n, C, min(n, horizon))
+        for k in range(n):
+            if axis == 0:
+                for ch in range(C):
+                    data[k, a, b, ch] = line[k, ch]
+            elif axis == 1:
+                for ch in range(C):
+                    data[a, k, b, ch] = line[k, ch]
+            else:
+                for ch in range(C):
+                    data[a, b, k, ch] = line[k, ch]
+
+
+# terms of the causal initial sum: |z|^k < 1e-14 beyond this
+_HORIZON = int(math.ceil(math.log(1e-14) / math.log(abs(_POLE))))
+
+
+def prefilter_channels(data):
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise ConfigError(f"data must be (X, Y, Z, C), got shape {data.shape}")
+    out = np.array(data, dtype=np.float32, order="C", copy=True)
+    for axis in range(3):
+        if out.shape[axis] > 1:
+            _k_prefilter_axis(out, axis, _HORIZON)
+    return out
+
+
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__
 del _name

@@ -44,6 +44,7 @@ __all__ = [
     "warp_cubic",
     "cubic_sample_channels",
     "cubic_sample_channels_values",
+    "prefilter_channels",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -546,3 +547,19 @@ def cubic_sample_channels_values(coef, points):
     """Values only of :func:`cubic_sample_channels`: (N, C) float64 (the fixed features, whose
     gradient the metric never needs)."""
     return cubic_sample_channels(coef, points)[0]
+
+
+def prefilter_channels(data):
+    """Cubic B-spline coefficients of a channel-last map ``data`` (X, Y, Z, C): each channel
+    filtered along the three spatial axes with mirror boundaries (``scipy.ndimage.spline_filter1d``,
+    the specification). Returns float32 (X, Y, Z, C), C-contiguous."""
+    from scipy import ndimage
+
+    out = np.asarray(data, dtype=np.float32)
+    if out.ndim != 4:
+        raise ConfigError(f"data must be (X, Y, Z, C), got shape {out.shape}")
+    for axis in range(3):
+        if out.shape[axis] > 1:
+            out = ndimage.spline_filter1d(out, 3, axis=axis, mode="mirror", output=np.float64 if out.dtype ==
+                                          np.float64 else np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32)

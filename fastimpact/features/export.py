@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["write_feature_maps", "pca_rgb"]
+__all__ = ["write_feature_maps", "save_feature_map", "pca_rgb"]
 
 
 def pca_rgb(slice_features: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -38,6 +38,19 @@ def pca_rgb(slice_features: np.ndarray, mask: np.ndarray | None = None) -> np.nd
     return np.ascontiguousarray(np.flip(np.transpose(img, (1, 0, 2)), axis=0))
 
 
+def save_feature_map(fm, path) -> None:
+    """A feature map as a 4-D float32 NIfTI (X, Y, Z, C) with its affine (sform = qform)."""
+    import nibabel as nib
+
+    from ..io import XFORM_CODE
+
+    nimg = nib.Nifti1Image(np.asarray(fm.data, dtype=np.float32), fm.affine)
+    nimg.set_sform(fm.affine, code=XFORM_CODE)
+    nimg.set_qform(fm.affine, code=XFORM_CODE)
+    nimg.header.set_intent("vector", name=fm.name[:15])
+    nib.save(nimg, str(path))
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -50,7 +63,7 @@ def write_feature_maps(image, outdir, *, model="mind", layers=None, voxel_size=N
     from PIL import Image as PILImage
 
     from ..image import Image
-    from ..io import output_dir, save_image
+    from ..io import check_output_dir, output_dir
     from ..onnx_models import load_model_spec
     from ..registration import _check_mask, as_image
     from .maps import FeatureExtractor, IntensityNormalization, compute_feature_maps
@@ -64,6 +77,11 @@ def write_feature_maps(image, outdir, *, model="mind", layers=None, voxel_size=N
                               f"{', '.join(l.name for l in spec.layers)}): use a bit string of at most "
                               f"{len(spec.layers)} bits with at least one 1")
         outputs = [i for i, c in enumerate(layers) if c == "1"]
+    names = []
+    for i in outputs:
+        base = _safe(f"{spec.name}_{spec.layers[i].name}")
+        names += [f"{base}.nii.gz", f"{base}.png"]
+    check_output_dir(outdir, force=force, names=names)  # before minutes of inference
     img = as_image(image, "image")
     mask_img = as_image(mask, "mask", mask=True)
     m = _check_mask(mask_img, img, "image") if mask_img is not None else None
@@ -73,16 +91,12 @@ def write_feature_maps(image, outdir, *, model="mind", layers=None, voxel_size=N
     norm = IntensityNormalization.from_image(data, m, spec.normalization)
     maps = compute_feature_maps(Image(data, img.affine), FeatureExtractor(spec, threads), outputs, norm,
                                 voxel_size=voxel_size, tile_size=tile_size, memory_gb=memory_gb)
-    names = []
-    for fm in maps:
-        base = _safe(f"{spec.name}_{fm.name}")
-        names += [f"{base}.nii.gz", f"{base}.png"]
     written = []
     with output_dir(outdir, force=force, names=names) as tmp:
         tmp = Path(tmp)
         for fm in maps:
             base = _safe(f"{spec.name}_{fm.name}")
-            save_image(Image(fm.data, fm.affine), tmp / f"{base}.nii.gz")
+            save_feature_map(fm, tmp / f"{base}.nii.gz")
             z = fm.data.shape[2] // 2
             PILImage.fromarray(pca_rgb(fm.data[:, :, z])).save(tmp / f"{base}.png")
             written += [Path(outdir) / f"{base}.nii.gz", Path(outdir) / f"{base}.png"]

@@ -25,15 +25,11 @@ __all__ = ["LayerPair", "StaticImpact", "build_static_impact", "prefilter_channe
 PCA_FIT_SAMPLES = 50_000
 
 
-def prefilter_channels(data: np.ndarray) -> np.ndarray:
+def prefilter_channels(data: np.ndarray, backend: str = "cpu") -> np.ndarray:
     """Cubic B-spline coefficients of a channel-last map (X, Y, Z, C), float32, mirror boundary."""
-    from scipy import ndimage
+    from ..kernels import get_kernel
 
-    out = np.asarray(data, dtype=np.float32)
-    for axis in range(3):
-        if out.shape[axis] > 1:
-            out = ndimage.spline_filter1d(out, 3, axis=axis, mode="mirror", output=np.float32)
-    return np.ascontiguousarray(out)
+    return get_kernel("prefilter_channels", backend)(data)
 
 
 class LayerPair:
