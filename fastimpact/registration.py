@@ -343,7 +343,7 @@ class CostFunction:
         if self.terms:
             f, m, gy, pts, keep = self._pairs(flat_k)
             if self.impact is not None and not keep.all():
-                x, y = x[keep], y[keep]
+                flat_k, x, y = flat_k[keep], x[keep], y[keep]
         n_ok = len(pts)
         self.last_valid = n_ok
         if n_ok < max(MIN_VALID_POINTS, MIN_VALID_FRACTION * n):
@@ -367,7 +367,7 @@ class CostFunction:
                 value = sum(w * metric.value(f, m) for w, metric in self.terms)
         if self.impact is not None:
             w, term = self.impact
-            v, gi = term.value_and_gradient(x, y, gradient)
+            v, gi = term.value_and_gradient(flat_k, x, y, gradient)
             value += w * v
             if gradient:
                 gy = w * gi if not self.terms else gy + w * gi

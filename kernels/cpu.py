@@ -991,14 +991,15 @@ def cubic_sample_channels(coef, points):
     coef, pts = _channels_args(coef, points)
     values = np.empty((len(pts), coef.shape[3]))
     grads = np.empty((len(pts), coef.shape[3], 3))
-    _pick(_k_cubic_channels, len(pts))(coef, pts, values, grads, True)
+    # the work per point grows with the channels: parallel from SERIAL_BELOW point-channels
+    _pick(_k_cubic_channels, len(pts) * coef.shape[3])(coef, pts, values, grads, True)
     return values, grads
 
 
 def cubic_sample_channels_values(coef, points):
     coef, pts = _channels_args(coef, points)
     values = np.empty((len(pts), coef.shape[3]))
-    _pick(_k_cubic_channels, len(pts))(coef, pts, values, np.empty((1, 1, 3)), False)
+    _pick(_k_cubic_channels, len(pts) * coef.shape[3])(coef, pts, values, np.empty((1, 1, 3)), False)
     return values
 
 
@@ -1081,11 +1082,14 @@ def _k_prefilter_axis(data, axis, horizon):
 _HORIZON = int(math.ceil(math.log(1e-14) / math.log(abs(_POLE))))
 
 
-def prefilter_channels(data):
+def prefilter_channels(data, inplace=False):
     data = np.asarray(data)
     if data.ndim != 4:
         raise ConfigError(f"data must be (X, Y, Z, C), got shape {data.shape}")
-    out = np.array(data, dtype=np.float32, order="C", copy=True)
+    if inplace and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable:
+        out = data
+    else:
+        out = np.array(data, dtype=np.float32, order="C", copy=True)
     for axis in range(3):
         if out.shape[axis] > 1:
             _k_prefilter_axis(out, axis, _HORIZON)

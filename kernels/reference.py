@@ -549,10 +549,12 @@ def cubic_sample_channels_values(coef, points):
     return cubic_sample_channels(coef, points)[0]
 
 
-def prefilter_channels(data):
+def prefilter_channels(data, inplace=False):
     """Cubic B-spline coefficients of a channel-last map ``data`` (X, Y, Z, C): each channel
     filtered along the three spatial axes with mirror boundaries (``scipy.ndimage.spline_filter1d``,
-    the specification). Returns float32 (X, Y, Z, C), C-contiguous."""
+    the specification). Returns float32 (X, Y, Z, C), C-contiguous. ``inplace``: a backend may
+    overwrite a float32 C-contiguous ``data`` and return it (saves a copy of a large map); the
+    result is the same either way."""
     from scipy import ndimage
 
     out = np.asarray(data, dtype=np.float32)

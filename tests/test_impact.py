@@ -183,3 +183,28 @@ def test_per_level_impact_settings():
     assert [u.pca for m in lv2.models for u in m.layers] == [0, 4]
     assert lv0.models[0].layers[0].distance == "l1" and lv0.models[0].voxel_size == 4.0
     assert lv2.models[0].voxel_size is None
+
+
+def test_fixed_feature_gather_equals_interpolation_on_permuted_grids():
+    from fastimpact.features.maps import FeatureMap
+    from fastimpact.kernels import get_kernel
+    from fastimpact.metrics.impact import grid_lookup, prefilter_channels
+
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(9, 7, 5, 3)).astype(np.float32)
+    fmap = FeatureMap(data, np.diag([2.0, 2.0, 3.0, 1.0]))
+    # a level grid storing the same voxels with axes permuted and x flipped
+    level = fmap.affine @ np.array([[0, 0, -1, 8], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])
+    shape = (7, 5, 9)
+    table = grid_lookup(fmap, level, shape)
+    assert table is not None and table.shape == (7, 5, 9, 3)
+    idx = np.argwhere(np.ones(shape, bool)).astype(np.float64)
+    q = idx @ (np.linalg.inv(fmap.affine) @ level)[:3, :3].T + (np.linalg.inv(fmap.affine) @ level)[:3, 3]
+    interp = get_kernel("cubic_sample_channels_values", "cpu")(prefilter_channels(data), q)
+    np.testing.assert_allclose(table.reshape(-1, 3), interp, atol=1e-5)
+    # a grid that is not the map's (stride 2, a half-voxel shift, a wrong size) has no table
+    assert grid_lookup(fmap, fmap.affine @ np.diag([2.0, 2, 2, 1]), (5, 4, 3)) is None
+    shifted = fmap.affine.copy()
+    shifted[0, 3] += 1.0
+    assert grid_lookup(fmap, shifted, (9, 7, 5)) is None
+    assert grid_lookup(fmap, fmap.affine, (9, 7, 4)) is None

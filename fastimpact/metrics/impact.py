@@ -25,19 +25,54 @@ __all__ = ["LayerPair", "StaticImpact", "build_static_impact", "prefilter_channe
 PCA_FIT_SAMPLES = 50_000
 
 
-def prefilter_channels(data: np.ndarray, backend: str = "cpu") -> np.ndarray:
+def prefilter_channels(data: np.ndarray, backend: str = "cpu", inplace: bool = False) -> np.ndarray:
     """Cubic B-spline coefficients of a channel-last map (X, Y, Z, C), float32, mirror boundary."""
     from ..kernels import get_kernel
 
-    return get_kernel("prefilter_channels", backend)(data)
+    return get_kernel("prefilter_channels", backend)(data, inplace=inplace)
+
+
+def grid_lookup(feature_map, affine: np.ndarray, shape) -> np.ndarray | None:
+    """The map's values at the voxels of the grid (affine, shape), (X, Y, Z, C) C-contiguous, when
+    that grid IS the map's grid up to an axis permutation / flip (stride-1 models on the level's own
+    grid); None otherwise. Interpolating B-spline coefficients at a grid point gives the data value
+    there exactly, so fixed features at fixed voxels are a gather, not 64 taps."""
+    m = np.linalg.inv(feature_map.affine) @ np.asarray(affine, dtype=np.float64)
+    lin = m[:3, :3]
+    rounded = np.round(lin)
+    if not np.allclose(lin, rounded, atol=1e-6) or not np.allclose(np.abs(rounded).sum(axis=0), 1):
+        return None
+    axes, data = [], feature_map.data
+    for j in range(3):
+        a = int(np.argmax(np.abs(rounded[:, j])))
+        s = rounded[a, j]
+        t = m[a, 3]
+        n = data.shape[a]
+        if n != shape[j] or abs(t - (0 if s > 0 else n - 1)) > 1e-6:
+            return None
+        axes.append((a, s))
+    if sorted(a for a, _ in axes) != [0, 1, 2]:
+        return None
+    out = np.transpose(data, [a for a, _ in axes] + [3])
+    for j, (_, s) in enumerate(axes):
+        if s < 0:
+            out = np.flip(out, axis=j)
+    return np.ascontiguousarray(out)
 
 
 class LayerPair:
-    """One compared layer at one level: prefiltered fixed and moving maps and their geometry."""
+    """One compared layer at one level: the fixed features (a gather table on the level's fixed
+    grid, or prefiltered coefficients), the prefiltered moving map, and their geometry."""
 
-    def __init__(self, fixed_map, moving_map, use, label: str):
-        self.fixed_coef = prefilter_channels(fixed_map.data)
-        self.moving_coef = prefilter_channels(moving_map.data)
+    def __init__(self, fixed_map, moving_map, use, label: str, level_affine=None, level_shape=None,
+                 backend: str = "cpu"):
+        self.fixed_lookup = None
+        if level_affine is not None:
+            table = grid_lookup(fixed_map, level_affine, level_shape)
+            if table is not None:
+                self.fixed_lookup = table.reshape(-1, table.shape[3])
+        self.fixed_coef = None if self.fixed_lookup is not None else prefilter_channels(fixed_map.data, backend, True)
+        self.moving_coef = prefilter_channels(moving_map.data, backend, inplace=True)
         self.fixed_inv = np.linalg.inv(fixed_map.affine)
         self.moving_inv = np.linalg.inv(moving_map.affine)
         self.use = use
@@ -46,7 +81,7 @@ class LayerPair:
 
     @property
     def channels(self) -> int:
-        return self.fixed_coef.shape[3]
+        return self.moving_coef.shape[3]
 
 
 class StaticImpact:
@@ -63,18 +98,21 @@ class StaticImpact:
         self.k_values = get_kernel("cubic_sample_channels_values", backend)
         self.last_layer_values: list = []
 
-    def value_and_gradient(self, x: np.ndarray, y: np.ndarray, gradient: bool = True):
-        """x, y: (K, 3) world mm fixed points and their moving points. Returns (value, gy (K, 3) or
-        None)."""
+    def value_and_gradient(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray, gradient: bool = True):
+        """flat: (K,) fixed voxel indices of the level; x, y: (K, 3) world mm fixed points and their
+        moving points. Returns (value, gy (K, 3) or None)."""
         from ..features.distances import layer_value_and_grad
 
         total = 0.0
         gy = np.zeros((len(y), 3)) if gradient else None
         values = []
         for p in self.pairs:
-            qf = x @ p.fixed_inv[:3, :3].T + p.fixed_inv[:3, 3]
+            if p.fixed_lookup is not None:
+                f = p.fixed_lookup[flat]
+            else:
+                qf = x @ p.fixed_inv[:3, :3].T + p.fixed_inv[:3, 3]
+                f = self.k_values(p.fixed_coef, qf)
             qm = y @ p.moving_inv[:3, :3].T + p.moving_inv[:3, 3]
-            f = self.k_values(p.fixed_coef, qf)
             if gradient:
                 m, gm = self.k_channels(p.moving_coef, qm)
             else:
@@ -144,7 +182,8 @@ def build_static_impact(settings, fixed_img, moving_img, fixed_norms, moving_nor
                 basis = fit_pca(sample_for_pca(fm.data, mask, PCA_FIT_SAMPLES, rng), lu.pca)
                 fm = type(fm)(basis.project(fm.data), fm.affine, fm.name)
                 mm = type(mm)(basis.project(mm.data), mm.affine, mm.name)
-            pairs.append(LayerPair(fm, mm, lu, f"{fspec.name}:{fspec.layers[lu.index].name}"))
+            pairs.append(LayerPair(fm, mm, lu, f"{fspec.name}:{fspec.layers[lu.index].name}", fixed_img.affine,
+                                   fixed_img.shape, backend))
     if timings is not None:
         timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
     if not pairs:
