@@ -27,15 +27,15 @@ app = typer.Typer(
 )
 
 
-class Metric(str, Enum):
-    mse = "mse"
-    ncc = "ncc"
-    mi = "mi"
-
-
 class Mode(str, Enum):
     static = "static"
     jacobian = "jacobian"
+
+
+class DemoCase(str, Enum):
+    mono = "mono"
+    contrast = "contrast"
+    t2 = "t2"
 
 
 class Device(str, Enum):
@@ -262,8 +262,8 @@ def apply(
 @app.command()
 def demo(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder. [default: ./fastimpact-demo, overwritten]")] = None,
-    metric: Annotated[Metric, typer.Option(help="Similarity metric.")] = Metric.mse,
-    contrast: Annotated[bool, typer.Option("--contrast/--mono", help="Contrast-changed moving image (use with --metric mi).")] = False,
+    metric: Annotated[str, typer.Option(help="Similarity metric (mse, ncc, mi, impact or a sum such as 'impact+0.1*mi').")] = "mse",
+    case: Annotated[Optional[DemoCase], typer.Option(help="mono: the T1 itself; contrast: a contrast-changed T1; t2: a T2-like image synthesised from the tissue maps (multimodal: use --metric mi or impact).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs in -o.")] = False,
@@ -282,17 +282,18 @@ def demo(
     if output is None:
         output, force = Path("fastimpact-demo"), True
     check_output_dir(output, force=force, names=list(OUTPUT_NAMES))
-    case = make_case("contrast" if contrast else "mono", resolution="2mm", seed=0)
+    kind = (case or DemoCase.mono).value
+    case = make_case(kind, resolution="2mm", seed=0)
     before = field_error(np.zeros_like(case.u_true), case.u_true, case.mask)
 
     def evaluate(result):
         after = field_error(result.displacement, case.u_true, case.mask)
         result.report["evaluation"] = {
-            "case": "MNI152 2009a T1, 2 mm, known smooth deformation (seed 0)",
+            "case": f"MNI152 2009a T1, 2 mm, known smooth deformation (seed 0), moving image: {case.kind}",
             "error_before_mm": before, "error_after_mm": after,
         }
 
-    cfg = RegistrationConfig(metric=metric.value, threads=threads)
+    cfg = RegistrationConfig(metric=metric, threads=threads)
     summary = _run_registration(case.fixed, case.moving, output, cfg, None, None, force, as_json, t0, truth=evaluate)
     ev = summary["evaluation"]
     if not as_json:
