@@ -45,6 +45,8 @@ __all__ = [
     "cubic_sample_channels",
     "cubic_sample_channels_values",
     "prefilter_channels",
+    "sample_patches",
+    "sample_patches_warped",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -565,3 +567,87 @@ def prefilter_channels(data, inplace=False):
             out = ndimage.spline_filter1d(out, 3, axis=axis, mode="mirror", output=np.float64 if out.dtype ==
                                           np.float64 else np.float32)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+
+# ----------------------------------------------------------------------------- Jacobian-mode patches
+def _point_list(arr, name):
+    """(M, 3) float64 array of one 3-vector per row (patch centres and offsets are plain lists)."""
+    a = np.asarray(arr)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ConfigError(f"{name} must have shape (M, 3), got {a.shape}; pass one world point (mm) per row")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _patch_points(centres, offsets):
+    """World points of every patch voxel: (N * V, 3), row n * V + v = centres[n] + offsets[v]."""
+    c = _point_list(centres, "centres")
+    o = _point_list(offsets, "offsets")
+    return (c[:, None, :] + o[None, :, :]).reshape(-1, 3), len(c), len(o)
+
+
+def sample_patches(coef, centres, offsets, w2i, fill=0.0):
+    """Patches of a cubic B-spline image around world points (IMPACT Jacobian mode, fixed side).
+
+    Parameters
+    ----------
+    coef : (nx, ny, nz) float32/float64 cubic B-spline coefficients (as for :func:`cubic_sample`).
+    centres : (N, 3) world points (mm), the patch centres.
+    offsets : (V, 3) world offsets (mm) of the patch voxels from their centre (e.g. a P^3 grid).
+    w2i : (4, 4) world (mm) -> continuous voxel index of ``coef``.
+    fill : value of points with a non-finite (or ``|q| >= 1e15``) voxel index.
+
+    Returns
+    -------
+    values : (N, V) float32; ``values[n, v]`` is :func:`cubic_sample`'s value at
+        ``q = w2i (centres[n] + offsets[v])``. Points outside ``[0, n-1]`` are mirrored exactly as
+        there (a patch may reach past the image border); ``fill`` is only for non-finite points.
+    """
+    _check_volume(coef, "coef")
+    w2i = _matrix(w2i, (4, 4), "w2i")
+    p, n, v = _patch_points(centres, offsets)
+    with np.errstate(invalid="ignore"):  # inf * 0: such points get fill
+        q = p @ w2i[:3, :3].T + w2i[:3, 3]
+    values, _ = _cubic_core(np.asarray(coef), q, False)
+    values = np.where(_usable(q).all(axis=1), values, fill)
+    return values.astype(np.float32).reshape(n, v)
+
+
+def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
+    """Patches of a cubic B-spline image read through an affine + B-spline transform, with the
+    gradient (IMPACT Jacobian mode, moving side).
+
+    Parameters
+    ----------
+    coef : (nx, ny, nz) float32/float64 cubic B-spline coefficients of the moving image.
+    centres : (N, 3) world points (mm) of the patch centres, in the fixed (reference) space.
+    offsets : (V, 3) world offsets (mm) of the patch voxels.
+    affine : (4, 4) affine part of the transform, world -> world (mm).
+    bs_coef : (gx, gy, gz, 3) B-spline control-point displacements (mm), zero-extended as in
+        :func:`bspline_eval`; None means no B-spline (u = 0).
+    w2grid : (4, 4) world (mm) -> continuous control-grid index (ignored when ``bs_coef`` is None).
+    w2i : (4, 4) world (mm) -> continuous voxel index of ``coef``.
+
+    For ``p = centres[n] + offsets[v]`` the moving point is
+    ``y = affine[:3, :3] p + affine[:3, 3] + u(w2grid p)`` (mm) and ``q = w2i y``.
+
+    Returns
+    -------
+    values : (N, V) float32, :func:`cubic_sample`'s value at q (mirror boundary; NaN where q is
+        not finite).
+    grads : (N, V, 3) float32, d value / d y per world axis (1/mm):
+        ``w2i[:3, :3]^T (d value / d q)``.
+    """
+    _check_volume(coef, "coef")
+    affine = _matrix(affine, (4, 4), "affine")
+    w2i = _matrix(w2i, (4, 4), "w2i")
+    w2grid = _matrix(w2grid, (4, 4), "w2grid") if bs_coef is not None else None
+    p, n, v = _patch_points(centres, offsets)
+    with np.errstate(invalid="ignore"):  # inf * 0 in the products: such points give NaN anyway
+        y = points_affine(p, affine)
+        if bs_coef is not None:
+            y = y + bspline_eval(bs_coef, points_affine(p, w2grid))
+        q = points_affine(y, w2i)
+    values, gq = _cubic_core(np.asarray(coef), q, True)
+    g = gq @ w2i[:3, :3]  # row vector times the matrix: w2i^T applied to each gradient
+    return values.astype(np.float32).reshape(n, v), g.astype(np.float32).reshape(n, v, 3)
