@@ -128,7 +128,7 @@ def register(
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads. [default: all cores]")] = None,
     device: Annotated[Optional[Device], typer.Option(help="cpu | cuda | auto. [default: cpu]")] = None,
-    mode: Annotated[Optional[Mode], typer.Option(help="IMPACT mode: static (feature maps once per level). [default: static]", rich_help_panel="IMPACT")] = None,
+    mode: Annotated[Optional[Mode], typer.Option(help="IMPACT mode: static (feature maps once per level) | jacobian (patches through the network every iteration). [default: static]", rich_help_panel="IMPACT")] = None,
     model: Annotated[Optional[str], typer.Option(help="IMPACT model(s): built-in name (fastimpact models list) or .onnx with a .json manifest; several space-separated. [default: mind]", rich_help_panel="IMPACT")] = None,
     moving_model: Annotated[Optional[str], typer.Option("--moving-model", help="IMPACT model(s) for the moving image. [default: --model]", rich_help_panel="IMPACT")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer bit mask per model, e.g. 01 = second output only. [default: all]", rich_help_panel="IMPACT")] = None,
@@ -138,6 +138,8 @@ def register(
     subset: Annotated[Optional[str], typer.Option(help="Per layer random channels per iteration (0 = all). [default: 0]", rich_help_panel="IMPACT")] = None,
     feature_norm: Annotated[Optional[str], typer.Option("--feature-norm", help="Per layer: none | l2 | standardized. [default: none]", rich_help_panel="IMPACT")] = None,
     voxel_size: Annotated[Optional[str], typer.Option("--voxel-size", help="Per model voxel size (mm) of the grid the model sees. [default: the level's spacing]", rich_help_panel="IMPACT")] = None,
+    patch_size: Annotated[Optional[str], typer.Option("--patch-size", help="Jacobian mode: per model patch edge in voxels (odd). [default: the model's]", rich_help_panel="IMPACT")] = None,
+    jacobian_chain: Annotated[Optional[str], typer.Option("--jacobian-chain", help="Jacobian mode: centre (dT/dtheta at the patch centre, the reference's approximation) | exact. [default: centre]", rich_help_panel="IMPACT")] = None,
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Tile edge (voxels) for tiled feature inference; 0 = automatic. [default: 0]", rich_help_panel="IMPACT")] = None,
     feature_memory: Annotated[Optional[float], typer.Option("--feature-memory", help="Memory budget of one feature inference, GB. [default: 4]", rich_help_panel="IMPACT")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON settings file (command-line options override it). IMPACT options take per-level values separated by ';' (e.g. --distance 'l2;l2;l1').")] = None,
@@ -161,12 +163,14 @@ def register(
             model=_per_level(model), moving_model=_per_level(moving_model), layers=_per_level(layers),
             distance=_per_level(distance), layer_weights=_per_level(layer_weights), pca=_per_level(pca),
             subset=_per_level(subset), feature_norm=_per_level(feature_norm), voxel_size=_per_level(voxel_size),
+            patch_size=_per_level(patch_size), jacobian_chain=jacobian_chain,
             tile_size=tile_size, feature_memory=feature_memory,
         ).items()
         if v is not None
     }
     impact_given = [k for k in ("mode", "model", "moving_model", "layers", "distance", "layer_weights", "pca", "subset",
-                                "feature_norm", "voxel_size", "tile_size", "feature_memory") if k in options]
+                                "feature_norm", "voxel_size", "patch_size", "jacobian_chain", "tile_size",
+                                "feature_memory") if k in options]
     if impact_given and "metric" in options and "impact" not in str(options["metric"]).lower():
         from fastimpact.errors import ConfigError
 

@@ -34,3 +34,12 @@ def show_model(
     if check:
         validate_with_runtime(spec)
     typer.echo(json.dumps(spec.to_dict(), indent=2))
+
+
+def _register_build():
+    from fastimpact.cli.models_build import build
+
+    app.command("build")(build)
+
+
+_register_build()

@@ -22,12 +22,13 @@ DEVICES = ("cpu", "cuda", "auto")
 ASGD_ESTIMATIONS = ("original", "displacement_distribution")
 PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
 # IMPACT settings: per level (scalar or one entry per level); an entry holds one value per model
-# (model, moving_model, layers, voxel_size) or per kept layer (distance, layer_weights, subset,
+# (model, moving_model, layers, voxel_size, patch_size) or per kept layer (distance, layer_weights, subset,
 # pca, feature_norm), written as a space-separated string ("l2 l1") or a list; one value applies
 # to every model / layer.
-IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "distance", "layer_weights", "subset", "pca",
+IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "patch_size", "distance", "layer_weights", "subset", "pca",
                     "feature_norm")
 IMPACT_MODES = ("static", "jacobian")
+JACOBIAN_CHAINS = ("centre", "exact")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class RegistrationConfig:
     moving_model: model(s) for the moving image (default: the same as ``model``).
     layers: per model, a bit string over its output layers ("01" = second layer only; default all).
     voxel_size: per model, mm spacing of the grid the model sees (default: the level's spacing).
+    patch_size: jacobian mode: per model, patch edge in voxels (default: the model's manifest).
+    jacobian_chain: jacobian mode: "centre" (the reference's approximation: dT/dtheta of every
+        patch voxel taken at the patch centre) or "exact" (each patch voxel's own dT/dtheta).
     distance: per kept layer: l1 | l2 | ncc | cosine | l1cosine | dice | dotproduct.
     layer_weights: per kept layer, weight of its distance.
     subset: per kept layer, channels drawn at random each iteration (0 = all).
@@ -93,6 +97,8 @@ class RegistrationConfig:
     moving_model: Any = None
     layers: Any = None
     voxel_size: Any = None
+    patch_size: Any = None
+    jacobian_chain: str = "centre"
     distance: Any = "l2"
     layer_weights: Any = 1.0
     subset: Any = 0
@@ -107,6 +113,7 @@ class RegistrationConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         self.metric_terms()  # validates the metric expression
         _choice("mode", self.mode, IMPACT_MODES)
+        _choice("jacobian_chain", self.jacobian_chain, JACOBIAN_CHAINS)
         _choice("init", self.init, INIT_NAMES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         _choice("device", self.device, DEVICES)

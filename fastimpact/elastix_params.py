@@ -130,7 +130,6 @@ _IGNORED_REASONS = [
     (re.compile(r"^AutomaticTransformInitialization"), "only read for affine transforms"),
     (re.compile(r"^ImpactNumberOfChannels|^Impact(Fixed|Moving)NumberOfChannels"),
      "the model's .json manifest gives its input channels"),
-    (re.compile(r"^Impact(Fixed|Moving)?PatchSize"), "Jacobian-mode patch: not a fastimpact setting"),
     (re.compile(r"^(ModelsPath|Dimension|NumberOfChannels|PatchSize|VoxelSize|LayersMask|SubsetFeatures|"
                 r"LayersWeight|PCA|Distance|Mode|GPU|FeaturesMapUpdateInterval|WriteFeatureMaps)$"),
      "pre-release IMPACT key without the 'Impact' prefix: rename it, e.g. ImpactModelsPath0"),
@@ -801,8 +800,8 @@ def _map_impact(p, levels, fields, warnings):
             warnings.append(f"ImpactGPU {gpu}: fastimpact uses the first visible GPU; select this one with "
                             f"CUDA_VISIBLE_DEVICES={gpu}")
 
-    per: dict = {k: [] for k in ("model", "moving_model", "layers", "voxel_size", "distance", "layer_weights",
-                                 "subset", "pca", "feature_norm")}
+    per: dict = {k: [] for k in ("model", "moving_model", "layers", "voxel_size", "patch_size", "distance",
+                                 "layer_weights", "subset", "pca", "feature_norm")}
     tiles = []
     for lv in range(levels):
         sides = {}
@@ -828,6 +827,7 @@ def _map_impact(p, levels, fields, warnings):
         per["layers"].append(" ".join(fx["masks"]))
         per["voxel_size"].append(" ".join("auto" if v is None else _fmt(v) for v in fx["voxels"]))
         tiles.extend(fx["patches"] + mv["patches"])
+        per["patch_size"].append(" ".join(str(e) for e in fx["edges"]) if mode == "jacobian" and fx["edges"] else "auto")
 
         counts = [m.count("1") for m in fx["masks"]]
         n_layers = sum(counts)
@@ -862,6 +862,8 @@ def _map_impact(p, levels, fields, warnings):
         del per["moving_model"]
     if all(v == "auto" for entry in per["voxel_size"] for v in entry.split()):
         del per["voxel_size"]
+    if all(v == "auto" for entry in per["patch_size"] for v in entry.split()):
+        del per["patch_size"]
     if all(v == "none" for entry in per["feature_norm"] for v in entry.split()):
         del per["feature_norm"]
     for field, values in per.items():
@@ -911,10 +913,17 @@ def _read_models(reader: _ImpactReader, prefix: str, lv: int, image_dim: int, el
             warnings.append(f"Impact{prefix}VoxelSize{lv} {_show(g)}: fastimpact resamples to an isotropic voxel "
                             f"size; used the mean, {_fmt(v)} mm")
         voxels.append(None if v == 0 else v)
-    # a static-mode patch is a tile; a Jacobian one is left unread and reported
-    patches = (reader.sizes(f"{prefix}PatchSize", lv, dims) if elastix_mode == "Static" else None) or []
-    return {"models": models, "masks": masks, "voxels": voxels,
-            "patches": [int(x) for g in patches for x in g]}
+    # a static-mode patch is a tile; a Jacobian one the patch edge of each model
+    groups = reader.sizes(f"{prefix}PatchSize", lv, dims) or []
+    edges = []
+    if elastix_mode == "Jacobian":
+        for g in groups:
+            edge = max(int(x) for x in g)
+            if not _same(g):
+                warnings.append(f"Impact{prefix}PatchSize{lv} {_show(g)}: fastimpact patches are cubes; used {edge}")
+            edges.append(edge)
+    return {"models": models, "masks": masks, "voxels": voxels, "edges": edges,
+            "patches": [int(x) for g in groups for x in g] if elastix_mode == "Static" else []}
 
 
 def _layer_value(base: str, lv: int, v, warnings: list) -> str:

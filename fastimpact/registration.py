@@ -365,12 +365,33 @@ class CostFunction:
                 gy *= dsum[:, None]  # d value / d moving point, world mm
             else:
                 value = sum(w * metric.value(f, m) for w, metric in self.terms)
+        extra = None  # jacobian mode, exact chain: (points (M, 3) world, gradients (M, 3))
         if self.impact is not None:
             w, term = self.impact
-            v, gi = term.value_and_gradient(flat_k, x, y, gradient)
+            if getattr(term, "jacobian", False):
+                bs = self.stage == "bspline"
+                v, p_world, gi = term.value_and_gradient(
+                    x, self.transform.affine.as_matrix(), self.transform.coef if bs else None,
+                    self.transform.grid.world_to_grid() if bs else None, gradient)
+                if gradient and p_world is not x:
+                    extra, gi = (p_world, w * gi), None
+            else:
+                v, gi = term.value_and_gradient(flat_k, x, y, gradient)
             value += w * v
-            if gradient:
+            if gradient and gi is not None:
                 gy = w * gi if not self.terms else gy + w * gi
+            elif gradient and not self.terms:
+                gy = np.zeros_like(x)
+        if gradient and extra is not None:
+            # the exact chain: every patch voxel scatters at its own point
+            if self.stage == "affine":
+                fi = np.linalg.inv(self.fixed_affine)
+                extra_pts = extra[0] @ fi[:3, :3].T + fi[:3, 3]
+            else:
+                g = self.transform.grid.world_to_grid()
+                extra_pts = extra[0] @ g[:3, :3].T + g[:3, 3]
+            pts = np.concatenate([pts, extra_pts])
+            gy = np.concatenate([gy, extra[1]])
         if not gradient:
             if bend:
                 value += self.bending_weight * self.bending.value_and_gradient(self.transform.coef)[0]
@@ -511,19 +532,29 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         return get
 
     def impact_term(i):
-        """The static IMPACT term of level i (feature maps computed once, shared by both stages)."""
+        """The IMPACT term of level i (static: feature maps computed once, shared by both stages)."""
         if impact_levels[i] is None:
             from .features.settings import impact_settings
-            from .metrics.impact import build_static_impact
 
             lv = level_data(i)
-            impact_levels[i] = build_static_impact(
-                impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
-                normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
-                tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
-                backend=backend, timings=timings)
-        for p in impact_levels[i].pairs:
-            p.scale = None  # each stage's loss normalisation starts afresh
+            t_feat = time.perf_counter()
+            if cfg.mode == "jacobian":
+                from .metrics.impact_jacobian import build_jacobian_impact
+
+                impact_levels[i] = build_jacobian_impact(
+                    impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                    normalizer("moving", moving_f32, mmask), moving_coef=lv.moving_coef, chain=cfg.jacobian_chain,
+                    threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend)
+                timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t_feat
+            else:
+                from .metrics.impact import build_static_impact
+
+                impact_levels[i] = build_static_impact(
+                    impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                    normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
+                    tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
+                    backend=backend, timings=timings)
+        impact_levels[i].reset_normalisation()  # each stage's loss normalisation starts afresh
         return impact_levels[i]
 
     if impact_weight is not None:
@@ -571,7 +602,10 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
             impact = (impact_weight, impact_term(li)) if impact_weight is not None else None
             from .samplers import RandomSampler
 
-            sampler = RandomSampler(lv.fixed.shape, lv.fixed_mask, samples[li], cfg.seed,
+            sample_mask = lv.fixed_mask
+            if impact is not None and getattr(impact[1], "jacobian", False) and sample_mask is not None:
+                sample_mask = _patch_inside_mask(sample_mask, lv.fixed.affine, impact[1].max_offsets())
+            sampler = RandomSampler(lv.fixed.shape, sample_mask, samples[li], cfg.seed,
                                     stream=(stages.index(stage), li))
             cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li], radius, li,
                                 impact=impact)
@@ -589,6 +623,22 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     if finest is not None and factors[-1] == 1:
         result._moving_coef = finest.moving_coef  # the output warp reuses the finest prefilter
     return result
+
+
+def _patch_inside_mask(mask: np.ndarray, affine: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` whose whole patch (world ``offsets`` around them) lies inside it: the
+    mask eroded by the patch's extent in voxels of the grid."""
+    from scipy import ndimage
+
+    lin_inv = np.linalg.inv(affine[:3, :3])
+    reach = np.ceil(np.abs(offsets @ lin_inv.T).max(axis=0) - 1e-6).astype(int)
+    out = ndimage.binary_erosion(mask, structure=np.ones(tuple(2 * reach + 1), bool), border_value=0)
+    if not out.any():
+        raise ImageError(
+            f"no voxel of the fixed mask has its whole IMPACT patch (reach {reach.tolist()} voxels) inside the "
+            "mask: use a larger mask, a smaller --patch-size or a smaller --voxel-size"
+        )
+    return out
 
 
 def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
@@ -621,6 +671,7 @@ def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
 
 
 EXACT_GRADIENT_SAMPLES = 100_000  # elastix's NumberOfSamplesForExactGradient
+JACOBIAN_EXACT_GRADIENT_FACTOR = 5  # IMPACT Jacobian mode: 5x the samples of one iteration
 # A step that would move some point of the image further than this many maximum step lengths
 # (elastix's MaximumStepLength, default one voxel) is scaled down to that length. ASGD's
 # estimation aims at about one step length; the guard only stops a mis-estimated gain from
@@ -637,7 +688,13 @@ def _estimate_asgd(cost: CostFunction, iterations: int, max_step: float, seed: i
     n_probe = default_n_jacobian_measurements(cost.n_params, settings)
     probe = grid_sample_points(lv.fixed.shape, n_probe, lv.fixed_mask).astype(np.float64)
     jac = _probe_jacobian(cost, probe)
-    exact_idx = grid_sample_points(lv.fixed.shape, EXACT_GRADIENT_SAMPLES, lv.fixed_mask)
+    n_exact = EXACT_GRADIENT_SAMPLES
+    if cost.impact is not None and getattr(cost.impact[1], "jacobian", False):
+        # every Jacobian-mode sample is a patch through the network: 100k of them would cost more
+        # than a whole level; the exact-gradient estimate only needs to be much less noisy than
+        # one iteration's gradient
+        n_exact = min(n_exact, JACOBIAN_EXACT_GRADIENT_FACTOR * cost.sampler.n_samples)
+    exact_idx = grid_sample_points(lv.fixed.shape, n_exact, lv.fixed_mask)
     exact_flat = np.ravel_multi_index(tuple(exact_idx.T), lv.fixed.shape)
     theta0 = cost.get_parameters()
 

@@ -28,6 +28,7 @@ warp_cubic               (coef, shape, A, field, L, fill) -> (X, Y, Z) resampled
 cubic_sample_channels    (coef (X, Y, Z, C), points) -> values (N, C), grads (N, C, 3); features
 cubic_sample_channels_values  (coef, points) -> values (N, C): the fixed features
 prefilter_channels       (data (X, Y, Z, C)) -> float32 cubic B-spline coefficients per channel
+gather_patches           (data, centres (N, 3) int, offsets (V, 3) int) -> (N, V) grid patches
 sample_patches           (coef, centres, offsets, w2i, fill) -> values (N, V) float32:
                          patches around world points (Jacobian mode, fixed side)
 sample_patches_warped    (coef, centres, offsets, affine, bs_coef, w2grid, w2i) -> values

@@ -1189,6 +1189,42 @@ def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
     return values, grads
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fold(q, n):
+    if n == 1:
+        return 0
+    period = 2 * n - 2
+    q = q % period  # Python semantics in Numba: non-negative for a positive period
+    return period - q if q >= n else q
+
+
+@_pjit
+def _k_gather_patches(data, centres, offsets, out):
+    nx, ny, nz = data.shape
+    V = offsets.shape[0]
+    for n in prange(centres.shape[0]):
+        cx = centres[n, 0]
+        cy = centres[n, 1]
+        cz = centres[n, 2]
+        for v in range(V):
+            i = _fold(cx + offsets[v, 0], nx)
+            j = _fold(cy + offsets[v, 1], ny)
+            k = _fold(cz + offsets[v, 2], nz)
+            out[n, v] = data[i, j, k]
+
+
+def gather_patches(data, centres, offsets):
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ConfigError(f"data must be a 3-D volume, got shape {data.shape}")
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    centres = np.ascontiguousarray(np.asarray(centres, dtype=np.int64).reshape(-1, 3))
+    offsets = np.ascontiguousarray(np.asarray(offsets, dtype=np.int64).reshape(-1, 3))
+    out = np.empty((len(centres), len(offsets)), dtype=np.float32)
+    _pick(_k_gather_patches, len(centres) * len(offsets) // 8)(data, centres, offsets, out)
+    return out
+
+
 for _name in __all__:
     globals()[_name].__doc__ = getattr(_ref, _name).__doc__
 del _name

@@ -45,6 +45,7 @@ __all__ = [
     "cubic_sample_channels",
     "cubic_sample_channels_values",
     "prefilter_channels",
+    "gather_patches",
     "sample_patches",
     "sample_patches_warped",
 ]
@@ -651,3 +652,28 @@ def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
     values, gq = _cubic_core(np.asarray(coef), q, True)
     g = gq @ w2i[:3, :3]  # row vector times the matrix: w2i^T applied to each gradient
     return values.astype(np.float32).reshape(n, v), g.astype(np.float32).reshape(n, v, 3)
+
+
+def _mirror_index(q, n):
+    """Whole-sample mirror folding of integer indices into [0, n - 1] (cubic_sample's rule)."""
+    if n == 1:
+        return np.zeros_like(q)
+    period = 2 * n - 2
+    q = np.mod(q, period)
+    return np.where(q >= n, period - q, q)
+
+
+def gather_patches(data, centres, offsets):
+    """Patches of a volume on its own grid: ``data`` (X, Y, Z); ``centres`` (N, 3) and ``offsets``
+    (V, 3) integer voxel indices. Returns (N, V) float32 ``data[centre + offset]`` with indices
+    outside mirrored like :func:`cubic_sample` (which interpolates prefiltered coefficients to
+    exactly these values at grid points)."""
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ConfigError(f"data must be a 3-D volume, got shape {data.shape}")
+    centres = np.asarray(centres, dtype=np.int64).reshape(-1, 3)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 3)
+    flat = np.zeros((len(centres), len(offsets)), dtype=np.int64)
+    for d in range(3):
+        flat = flat * data.shape[d] + _mirror_index(centres[:, d, None] + offsets[None, :, d], data.shape[d])
+    return np.asarray(data, dtype=np.float32).ravel()[flat]

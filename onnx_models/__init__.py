@@ -20,22 +20,57 @@ normalization          intensity normalisation applied with the image's own stat
 global_normalization   true when the network normalises each input by its own statistics
                        (InstanceNorm): tiles then differ slightly from whole-volume features
 license, provenance    where the weights come from and under which licence they are shipped
+patch_file             optional: the patch-forward graph of Jacobian mode (below)
+vjp_file               optional (needs patch_file): its vector-Jacobian product (below)
+patch_layers           with patch_file: indices into ``layers`` of the layers the patch graphs
+                       compute, increasing (e.g. deepbet ``[0, 1, 2]``, mind ``[0]``)
+patch_size             with patch_file: the default patch size P in voxels (see the centre rule;
+                       checked, like the graph files, when Jacobian mode or ``models show``
+                       uses them: a model with absent patch graphs still runs in static mode)
+patch_size_fixed       true when the patch graphs were exported for ``patch_size`` only; false
+                       (default): any valid P runs
 =====================  ================================================================
+
+Jacobian mode (IMPACT, paper Sec. III-A-5, Eq. 6-8) runs N patches of P^D voxels around the sample
+points through the network each iteration and compares the *centre* voxel of each selected layer.
+Two graphs serve it (D = ``dimension``; ``B`` is dynamic; K = ``len(patch_layers)``):
+
+* ``patch_file``: input ``patches`` [B, C_in, P, ..., P] float32 (normalised as ``normalization``
+  says, like the full graph's input); outputs, one per patch layer in ``patch_layers`` order,
+  ``[B, C_k]``: the centre voxel of that layer, i.e. what the full graph gives on the patch at
+  output index ``(P // 2) // stride_k`` on every spatial axis.
+* ``vjp_file``: inputs ``patches`` [B, C_in, P, ..., P] and ``cotangent_0`` ... ``cotangent_{K-1}``
+  ``[B, C_k]`` (in ``patch_layers`` order); output ``grad`` [B, C_in, P, ..., P] =
+  ``d(sum_k <centre_k(patches), cotangent_k>) / d patches``, computed per batch item (the
+  forward is recomputed inside). A layer that a run does not use gets a zero cotangent.
+
+Centre rule: input voxel ``P // 2`` (0-based) is the patch centre, which the registration places
+on the sample point (patch offsets ``(i - P // 2) * voxel_size``); layer k's output voxel
+``(P // 2) // stride_k`` is centred on input voxel ``stride_k * ((P // 2) // stride_k)``, which is
+the patch centre only when ``(P // 2) % stride_k == 0``. A patch size must satisfy this for every
+patch layer (:meth:`ModelSpec.patch_centres` checks it and lists the valid sizes). Graphs may be
+cropped to what the centre voxels need (MIND computes one voxel); networks with instance norm
+need the whole patch (the norms use every voxel's statistics).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fastimpact.errors import ConfigError
 
-__all__ = ["LayerSpec", "ModelSpec", "builtin_models", "load_model_spec", "validate_with_runtime", "NORMALIZATIONS"]
+__all__ = ["LayerSpec", "ModelSpec", "builtin_models", "load_model_spec", "validate_with_runtime", "NORMALIZATIONS",
+           "valid_patch_sizes"]
 
 NORMALIZATIONS = ("none", "zscore", "minmax", "ct", "imagenet")
 ALIASES = {"mind": "mind-r1d2"}  # short names of built-in models
 _REQUIRED = ("name", "file", "dimension", "input_channels", "layers", "receptive_field", "normalization")
+_PATCH_KEYS = ("vjp_file", "patch_layers", "patch_size", "patch_size_fixed")  # need patch_file
 _HERE = Path(__file__).resolve().parent
 
 
@@ -62,7 +97,48 @@ class ModelSpec:
     description: str = ""
     license: str = ""
     provenance: str = ""
+    patch_path: Path | None = None
+    vjp_path: Path | None = None
+    patch_layers: tuple = ()
+    patch_size: int | None = None
+    patch_size_fixed: bool = False
     manifest_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def patch_strides(self) -> tuple:
+        """Strides of the patch layers, in ``patch_layers`` order."""
+        return tuple(self.layers[i].stride for i in self.patch_layers)
+
+    def patch_centres(self, patch_size: int | None = None, parameter: str = "patch_size",
+                      need_vjp: bool = False) -> tuple:
+        """The centre output index ``(P // 2) // stride_k`` of each patch layer for patch size ``P``
+        (default: the manifest's). Jacobian mode calls this first: it raises ConfigError (naming
+        ``parameter``) when the model has no patch graphs or they (or the VJP, with ``need_vjp``)
+        are missing, when P is not a valid size (see the module docstring) or, for graphs
+        exported for one size, when P is another. These checks wait until here so that a model
+        whose patch graphs are absent or mismatched still works in static mode."""
+        if self.patch_path is None or (need_vjp and self.vjp_path is None):
+            what = "patch graphs (patch_file" if self.patch_path is None else "VJP graph (vjp_file"
+            raise ConfigError(f"model '{self.name}' has no {what} in its manifest), so it cannot run in Jacobian "
+                              "mode; use static mode or build the graphs with `fastimpact models build`")
+        for key, path in (("patch_file", self.patch_path), ("vjp_file", self.vjp_path if need_vjp else None)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"model '{self.name}': its manifest names the {key} '{path}', which does not "
+                                  f"exist; put the graph there or fix '{key}' in {self.manifest_path}")
+        size = self.patch_size if patch_size is None else patch_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ConfigError(f"{parameter}={size!r} for model '{self.name}' must be a positive integer")
+        size = int(size)
+        bad = [f"{self.layers[i].name} (stride {self.layers[i].stride})" for i in self.patch_layers
+               if (size // 2) % self.layers[i].stride]
+        if bad:
+            raise ConfigError(f"{parameter}={size} for model '{self.name}' puts the centre voxel of {', '.join(bad)} "
+                              f"off the patch centre ((P // 2) % stride must be 0); use one of "
+                              f"{_sizes_text(self.patch_strides)}")
+        if self.patch_size_fixed and size != self.patch_size:
+            raise ConfigError(f"{parameter}={size} for model '{self.name}': its patch graphs were exported for "
+                              f"patch size {self.patch_size} only; use {self.patch_size} or rebuild the graphs")
+        return tuple((size // 2) // s for s in self.patch_strides)
 
     def to_dict(self) -> dict:
         return {
@@ -74,7 +150,25 @@ class ModelSpec:
             "size_multiple": self.size_multiple, "normalization": self.normalization,
             "global_normalization": self.global_normalization, "license": self.license,
             "provenance": self.provenance,
+            # absolute paths: a manifest copied elsewhere still finds the patch graphs
+            **({"patch_file": str(self.patch_path), "patch_layers": list(self.patch_layers),
+                "patch_size": self.patch_size, "patch_size_fixed": self.patch_size_fixed}
+               if self.patch_path is not None else {}),
+            **({"vjp_file": str(self.vjp_path)} if self.vjp_path is not None else {}),
         }
+
+
+def valid_patch_sizes(strides, upto: int = 40) -> list:
+    """Patch sizes P <= ``upto`` whose centre voxel is on the patch centre in every layer of
+    ``strides``: ``(P // 2) % stride == 0`` for all (P = 1 excluded: a single voxel)."""
+    step = math.lcm(*[int(s) for s in strides]) if strides else 1
+    return [p for p in range(2, upto + 1) if (p // 2) % step == 0]
+
+
+def _sizes_text(strides) -> str:
+    step = math.lcm(*[int(s) for s in strides]) if strides else 1
+    sizes = valid_patch_sizes(strides, max(40, 8 * step + 1))
+    return ", ".join(str(p) for p in sizes[:8]) + (", ..." if len(sizes) > 8 else "")
 
 
 def _spec_from_manifest(data: dict, manifest_path: Path) -> ModelSpec:
@@ -113,6 +207,7 @@ def _spec_from_manifest(data: dict, manifest_path: Path) -> ModelSpec:
     path = (manifest_path.parent / str(data["file"])).resolve()
     if not path.is_file():
         raise ConfigError(f"{where} names the model file '{path}', which does not exist; fix 'file'")
+    patch = _patch_fields(data, manifest_path, specs, where)
     return ModelSpec(
         name=str(data["name"]), path=path, dimension=dim,
         input_channels=positive_int("input_channels", data["input_channels"]), layers=tuple(specs),
@@ -121,8 +216,39 @@ def _spec_from_manifest(data: dict, manifest_path: Path) -> ModelSpec:
         size_multiple=positive_int("size_multiple", data.get("size_multiple", 1)),
         global_normalization=bool(data.get("global_normalization", False)),
         description=str(data.get("description", "")), license=str(data.get("license", "")),
-        provenance=str(data.get("provenance", "")), manifest_path=manifest_path,
+        provenance=str(data.get("provenance", "")), manifest_path=manifest_path, **patch,
     )
+
+
+def _patch_fields(data: dict, manifest_path: Path, layers: list, where: str) -> dict:
+    """The optional Jacobian-mode fields of a manifest (see the module docstring), validated."""
+    if data.get("patch_file") is None:
+        given = [k for k in _PATCH_KEYS if data.get(k) is not None]
+        if given:
+            raise ConfigError(f"{where}: {', '.join(given)} given without patch_file; add the patch-forward graph "
+                              "(patch_file) or remove them")
+        return {}
+
+    def graph(key):  # existence is checked when Jacobian mode asks for it (patch_centres)
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {key}={value!r} must be the file name of an ONNX graph")
+        return (manifest_path.parent / value).resolve()
+
+    idx = data.get("patch_layers")
+    if (not isinstance(idx, list) or not idx
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(layers) for i in idx)
+            or any(b <= a for a, b in zip(idx, idx[1:]))):
+        raise ConfigError(f"{where}: patch_layers={idx!r} must be a non-empty increasing list of layer indices "
+                          f"in 0..{len(layers) - 1} (the layers the patch graphs output, in order)")
+    size = data.get("patch_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{where}: patch_size={size!r} must be a positive integer (the default patch size in voxels)")
+    fixed = data.get("patch_size_fixed", False)
+    if not isinstance(fixed, bool):
+        raise ConfigError(f"{where}: patch_size_fixed={fixed!r} must be true or false")
+    return {"patch_path": graph("patch_file"), "vjp_path": graph("vjp_file") if data.get("vjp_file") is not None else None,
+            "patch_layers": tuple(idx), "patch_size": size, "patch_size_fixed": fixed}
 
 
 def _read_manifest(path: Path) -> ModelSpec:
@@ -161,15 +287,63 @@ def load_model_spec(name_or_path) -> ModelSpec:
                       "with a .json sidecar")
 
 
-def validate_with_runtime(spec: ModelSpec) -> None:
-    """Check the ONNX file against its manifest with ONNX Runtime (input rank, output count)."""
+def _open_session(path: Path):
     import onnxruntime as ort
 
     try:
-        sess = ort.InferenceSession(str(spec.path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
-        raise ConfigError(f"model file '{spec.path}' is not a valid ONNX model ({type(exc).__name__}: "
+        raise ConfigError(f"model file '{path}' is not a valid ONNX model ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]})") from None
+
+
+def _validate_patch_graphs(spec: ModelSpec) -> None:
+    """The patch-forward and VJP graphs against the contract (input/output names, ranks, channels,
+    a fixed patch size where one is baked in)."""
+    rank = spec.dimension + 2
+    channels = [spec.layers[i].channels for i in spec.patch_layers]
+
+    def check_patches(sess, path):
+        inp = sess.get_inputs()[0]
+        dims = inp.shape
+        if inp.name != "patches" or len(dims) != rank:
+            raise ConfigError(f"model '{spec.name}': '{path.name}' must take 'patches' of rank {rank} as its first "
+                              f"input, not '{inp.name}' of rank {len(dims)}")
+        fixed = [d for d in dims[2:] if isinstance(d, int)]
+        if fixed and (not spec.patch_size_fixed or any(d != spec.patch_size for d in fixed)):
+            raise ConfigError(f"model '{spec.name}': '{path.name}' is exported for patches of {dims[2:]} voxels; "
+                              f"set patch_size to that size and patch_size_fixed to true, or export a dynamic graph")
+
+    spec.patch_centres(need_vjp=spec.vjp_path is not None)  # files exist, the default size is valid
+    sess = _open_session(spec.patch_path)
+    check_patches(sess, spec.patch_path)
+    outs = sess.get_outputs()
+    if len(sess.get_inputs()) != 1 or len(outs) != len(channels):
+        raise ConfigError(f"model '{spec.name}': '{spec.patch_path.name}' has {len(sess.get_inputs())} input(s) and "
+                          f"{len(outs)} output(s); the contract is one input and one output per patch layer "
+                          f"({len(channels)})")
+    for o, c in zip(outs, channels):
+        if len(o.shape) != 2 or (isinstance(o.shape[1], int) and o.shape[1] != c):
+            raise ConfigError(f"model '{spec.name}': patch output '{o.name}' has shape {o.shape}, expected [B, {c}]")
+    if spec.vjp_path is None:
+        return
+    sess = _open_session(spec.vjp_path)
+    check_patches(sess, spec.vjp_path)
+    names = [i.name for i in sess.get_inputs()]
+    expected = ["patches"] + [f"cotangent_{k}" for k in range(len(channels))]
+    outs = sess.get_outputs()
+    if names != expected or [o.name for o in outs] != ["grad"]:
+        raise ConfigError(f"model '{spec.name}': '{spec.vjp_path.name}' takes {names} and gives "
+                          f"{[o.name for o in outs]}; the contract is {expected} -> ['grad']")
+    for i, c in zip(sess.get_inputs()[1:], channels):
+        if len(i.shape) != 2 or (isinstance(i.shape[1], int) and i.shape[1] != c):
+            raise ConfigError(f"model '{spec.name}': VJP input '{i.name}' has shape {i.shape}, expected [B, {c}]")
+
+
+def validate_with_runtime(spec: ModelSpec) -> None:
+    """Check the ONNX file(s) against the manifest with ONNX Runtime (input rank, output count; the
+    patch graphs' names and shapes, see the module docstring)."""
+    sess = _open_session(spec.path)
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != spec.dimension + 2:
         raise ConfigError(f"model '{spec.name}': the ONNX graph takes {len(inputs)} input(s) of rank "
@@ -177,3 +351,5 @@ def validate_with_runtime(spec: ModelSpec) -> None:
     if len(outputs) != len(spec.layers):
         raise ConfigError(f"model '{spec.name}': the ONNX graph has {len(outputs)} outputs but the manifest lists "
                           f"{len(spec.layers)} layers; list one layer per output, in order")
+    if spec.patch_path is not None:
+        _validate_patch_graphs(spec)

@@ -63,9 +63,18 @@ with a 16-voxel margin, correlation 0.63-0.94 / 0.73-0.90 (brain centre / cortex
 nearly the whole head (192^3) reach 0.99. Whole-volume inference is cheap on the CPU (1 mm MNI
 brain, 2 threads: 0.3 s and about 0.5 GB above the baseline for all six outputs).
 
+Jacobian mode: ``deepbet_patch.onnx`` / ``deepbet_vjp.onnx`` (contract in
+:mod:`fastimpact.onnx_models`) hold s0-s2 (:func:`patch_module`), default patch 9^3 (valid sizes:
+``(P // 2) % 4 == 0``: 8, 9, 16, 17, ...; the graphs take any of them). Nothing can be cropped to
+the centre's receptive field: every stage ends in or feeds an instance norm over the whole stage,
+so the centre voxel depends on all voxels of the patch. 9^3 is the default because 17^3 costs
+4.4x more (ONNX Runtime, 2 threads, 2000 patches: forward 83 ms / VJP 277 ms against
+369 ms / 1.21 s); ``deepbet_patch_check.npz`` holds torch autograd results for the tests.
+
 Run ``python -m fastimpact.onnx_models.deepbet`` (needs ``torch`` and ``onnx``, the ``models`` extra,
 and ``pip install --no-deps deepbet==1.0.2`` for the weights) to rebuild ``deepbet.onnx``, its
-manifest, ``LICENSE_deepbet.txt`` and the test fixture ``deepbet_check.npz``.
+manifest, ``LICENSE_deepbet.txt``, the patch graphs and the test fixtures ``deepbet_check.npz`` and
+``deepbet_patch_check.npz`` (the patch graphs also need ``onnxscript``).
 """
 
 from __future__ import annotations
@@ -84,6 +93,9 @@ INPUT_SCALE, INPUT_SHIFT = 0.226, 0.449  # deepbet.utils.normalize: network inpu
 OPSET = 17
 CHECK_SHAPE = (1, 1, 68, 20, 16)  # the fixture's input: s5 is 3 x 1 x 1 (not all zeros, well conditioned)
 CHECK_SEED = 20240917
+PATCH_LAYERS = (0, 1, 2)  # s0-s2 in patch mode: s3 (stride 8) would need P >= 16 and is 2^3 voxels at 17
+PATCH_SIZE = 9  # default Jacobian-mode patch; valid sizes: (P // 2) % 4 == 0, i.e. 8, 9, 16, 17, ...
+PATCH_CHECK_SIZE = 17
 _HERE = Path(__file__).resolve().parent
 _INSTANCE_NORM_EPS = 1e-5  # the TorchScript's value
 
@@ -164,15 +176,15 @@ def build_encoder(geometry_only: bool = False):
             self.down2 = Down(32, 64, 2)
             self.down3 = Down(64, 128, 2)
 
+            self.n_stages = len(STAGES)  # forward computes s0 .. s{n_stages - 1} only
+
         def forward(self, image):
             s0 = torch.relu(norm(self.init[0](image)))
             pool = torch.nn.functional.avg_pool3d if geometry_only else torch.nn.functional.max_pool3d
-            s1 = pool(s0, 3, stride=2, padding=1)
-            s2 = self.down0(s1)
-            s3 = self.down1(s2)
-            s4 = self.down2(s3)
-            s5 = self.down3(s4)
-            return s0, s1, s2, s3, s4, s5
+            stages = [s0, pool(s0, 3, stride=2, padding=1)]
+            for down in (self.down0, self.down1, self.down2, self.down3)[: self.n_stages - 2]:
+                stages.append(down(stages[-1]))
+            return tuple(stages[: self.n_stages])
 
     return Encoder()
 
@@ -191,6 +203,49 @@ def with_input_map(encoder):
             return self.encoder(image * INPUT_SCALE + INPUT_SHIFT)
 
     return DeepbetFeatures().eval()
+
+
+def patch_module(encoder):
+    """The patch-mode module (contract of ``patch_file``): ``patches`` [B, 1, P, P, P] (z-scored)
+    -> the centre voxels ``(P // 2) // stride`` of s0, s1, s2, each [B, 16].
+
+    Nothing can be cropped here: every stage ends in (or feeds) an instance norm over the whole
+    stage output, so the centre voxel depends on every voxel of the stage (and the backward pass
+    spreads a centre cotangent over all of them); only the stages after s2 are left out."""
+    import copy
+
+    from . import build
+
+    stages = copy.deepcopy(encoder)
+    stages.n_stages = len(PATCH_LAYERS)
+    return build.centre_module(with_input_map(stages), PATCH_LAYERS,
+                               [STAGES[i][2] for i in PATCH_LAYERS]).eval()
+
+
+def patch_check_data(centre, seed: int = CHECK_SEED, batch: int = 4) -> dict:
+    """The torch-free test fixture of the patch graphs: smooth z-scored patches of ``PATCH_SIZE``
+    and ``PATCH_CHECK_SIZE``, random cotangents, torch's centre outputs and autograd VJP."""
+    import torch
+
+    from . import build
+
+    out = {}
+    for size in (PATCH_SIZE, PATCH_CHECK_SIZE):
+        vol = check_input((1, 1, 24, 24, 24), seed=seed + size)[0, 0]
+        r = np.random.default_rng(seed + size)
+        starts = r.integers(0, 24 - size + 1, size=(batch, 3))
+        x = np.stack([vol[a:a + size, b:b + size, c:c + size] for a, b, c in starts])[:, None]
+        cots = [r.normal(size=(batch, STAGES[i][1])).astype(np.float32) for i in PATCH_LAYERS]
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        with torch.no_grad():
+            feats = [f.numpy() for f in centre(xt)]
+        grad = build.vjp_reference(centre, xt, [torch.from_numpy(c) for c in cots]).numpy()
+        out[f"patches_{size}"] = x
+        out[f"grad_{size}"] = grad
+        for k, (c, f) in enumerate(zip(cots, feats)):
+            out[f"cotangent_{k}_{size}"] = c
+            out[f"centre_{k}_{size}"] = f
+    return out
 
 
 def encoder_state_dict(scripted) -> dict:
@@ -328,7 +383,12 @@ def manifest() -> dict:
         "global_normalization": True,
         "license": "MIT (deepbet, Fisch et al.); notice in LICENSE_deepbet.txt",
         "provenance": f"deepbet {DEEPBET_VERSION} (PyPI wheel) data/models/model.pt, encoder converted by "
-                      "fastimpact/onnx_models/deepbet.py (torch.onnx.export, opset 17)",
+                      "fastimpact/onnx_models/deepbet.py (torch.onnx.export, opset 17; patch graphs opset 18)",
+        "patch_file": f"{NAME}_patch.onnx",
+        "vjp_file": f"{NAME}_vjp.onnx",
+        "patch_layers": list(PATCH_LAYERS),
+        "patch_size": PATCH_SIZE,
+        "patch_size_fixed": False,
     }
 
 
@@ -365,6 +425,15 @@ def main() -> None:  # pragma: no cover - build script
     with torch.no_grad():
         outs = [o.numpy() for o in model(torch.from_numpy(x))]
     np.savez_compressed(_HERE / f"{NAME}_check.npz", image=x, **{n: o for (n, _, _), o in zip(STAGES, outs)})
+    from . import build
+
+    centre = patch_module(encoder)
+    info = build.export_patch_graphs(centre, _HERE, NAME, PATCH_SIZE, 1, [STAGES[i][1] for i in PATCH_LAYERS],
+                                     [STAGES[i][0] for i in PATCH_LAYERS], check_sizes=(8, PATCH_CHECK_SIZE),
+                                     doc=f"deepbet {DEEPBET_VERSION} encoder s0-s2 (MIT, Fisch et al.)")
+    print("patch graphs, ONNX Runtime vs torch, max rel. error: forward {forward:.1e}, VJP {vjp:.1e}".format(
+        **info["errors"]))
+    np.savez_compressed(_HERE / f"{NAME}_patch_check.npz", **patch_check_data(centre))
     (_HERE / f"{NAME}.json").write_text(json.dumps(manifest(), indent=2) + "\n")
     write_licence(_HERE / f"LICENSE_{NAME}.txt")
     try:
@@ -378,8 +447,8 @@ def main() -> None:  # pragma: no cover - build script
         print("ONNX Runtime vs torch, max rel. error per stage:", " ".join(f"{e:.1e}" for e in rel))
         if max(rel) > 1e-4:
             raise SystemExit("the ONNX graph does not reproduce the torch encoder")
-    print(f"wrote {NAME}.onnx ({onnx_path.stat().st_size / 1e6:.1f} MB), {NAME}.json, {NAME}_check.npz, "
-          f"LICENSE_{NAME}.txt")
+    print(f"wrote {NAME}.onnx ({onnx_path.stat().st_size / 1e6:.1f} MB), {NAME}_patch.onnx, {NAME}_vjp.onnx, "
+          f"{NAME}.json, {NAME}_check.npz, {NAME}_patch_check.npz, LICENSE_{NAME}.txt")
 
 
 if __name__ == "__main__":  # pragma: no cover

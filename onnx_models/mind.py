@@ -15,8 +15,13 @@ Every step is local (the receptive field is 2 (d + r) + 1 voxels), so tiled infe
 halo of d + r voxels equals whole-volume inference exactly. ``eps`` (1e-4) assumes the input is
 normalised to unit scale (the model's z-score normalisation); it only matters in flat regions.
 
-Run ``python -m fastimpact.onnx_models.mind`` (needs the ``onnx`` package, the ``models`` extra)
-to rebuild the shipped graphs and manifests.
+Jacobian mode (patch graphs, see :mod:`fastimpact.onnx_models`): ``<name>_patch.onnx`` computes
+the descriptor of the centre voxel of each patch only, from the voxels it needs (edge-replicated
+where the patch is smaller than the receptive field), and ``<name>_vjp.onnx`` its vector-Jacobian
+product; both come from :func:`mind_centre_torch` (torch), traced and exported by :mod:`.build`.
+
+Run ``python -m fastimpact.onnx_models.mind`` (needs ``onnx``, and ``torch`` + ``onnxscript`` for
+the patch graphs: the ``models`` extra) to rebuild the shipped graphs and manifests.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 EPS = 1e-4
+PATCH_SIZE = 7  # default Jacobian-mode patch: the receptive field 2 (r + d) + 1 of both variants
 VARIANTS = {"mind-r1d2": (1, 2), "mind-r2d1": (2, 1)}  # name -> (radius, dilation); "mind" = mind-r1d2
 
 
@@ -119,6 +125,89 @@ def build_graph(radius: int = 1, dilation: int = 2):
     return model
 
 
+def mind_ssc_torch(image, radius: int = 1, dilation: int = 2):
+    """MIND-SSC in torch, the same definition as :func:`mind_ssc` (edge replication, ``EPS``):
+    ``image`` [B, 1, X, Y, Z] -> [B, 12, X, Y, Z]. Checked against :func:`mind_ssc`."""
+    import torch
+    import torch.nn.functional as F
+
+    r, d = int(radius), int(dilation)
+    padded = F.pad(image, [r + d] * 6, mode="replicate")
+    inner = [padded.shape[a] - 2 * d for a in (2, 3, 4)]  # the output box plus the box filter's halo
+
+    def shifted(o):
+        s = [d + o[k] for k in range(3)]
+        return padded[:, :, s[0]:s[0] + inner[0], s[1]:s[1] + inner[1], s[2]:s[2] + inner[2]]
+
+    squares = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in neighbour_pairs(d)], dim=1)
+    return _mind_from_distances(F.avg_pool3d(squares, 2 * r + 1, stride=1), dim=1)  # box mean, valid part
+
+
+def _mind_from_distances(dist, dim: int):
+    """``exp(-D' / V)`` of the 12 box distances along ``dim`` (see the module docstring)."""
+    dist = dist - dist.amin(dim=dim, keepdim=True)
+    var = dist.mean(dim=dim, keepdim=True).clamp_min(EPS)
+    return (-dist / var).exp()
+
+
+def mind_centre_torch(patches, radius: int = 1, dilation: int = 2):
+    """The MIND-SSC descriptor of the centre voxel ``(X // 2, Y // 2, Z // 2)`` of each patch:
+    ``patches`` [B, 1, X, Y, Z] -> [B, 12]; equal to ``mind_ssc_torch(patches)`` at the centre.
+
+    Only the (2r + 1)^3 boxes around the six neighbours ``c + o`` enter (6 (2r + 1)^3 voxels,
+    indices clamped to the patch = edge replication), so they are picked from the flattened patch
+    by one one-hot matrix [X Y Z, 6 (2r + 1)^3] and the rest works on [B, 12] values: the patch
+    graph costs about as much as reading the patches, and its backward is two small matrix
+    products. ONNX Runtime, 2 threads, 2000 patches of 7^3: forward 0.9 ms, VJP 2.5 ms, against
+    50 ms / 370 ms for MIND on the whole patch with the centre taken afterwards."""
+    import torch
+
+    r, d = int(radius), int(dilation)
+    dims = patches.shape[2:]
+    offsets = sorted({o for pair in neighbour_pairs(d) for o in pair})
+    box = torch.arange(-r, r + 1, device=patches.device)
+    flat = None
+    for axis, n in enumerate(dims):  # flat index of (c + o + t) per offset o and box tap t, one axis at a time
+        coord = torch.stack([(box + (n // 2 + o[axis])).clamp(0, n - 1) for o in offsets])  # [6, 2r + 1]
+        shape = [len(offsets)] + [1] * 3
+        shape[1 + axis] = 2 * r + 1
+        coord = coord.reshape(shape)
+        flat = coord if flat is None else flat * n + coord
+    flat = flat.reshape(-1)  # [6 (2r + 1)^3], offsets major
+    total = dims[0] * dims[1] * dims[2]
+    pick = (torch.arange(total, device=patches.device)[:, None] == flat[None, :]).to(patches.dtype)
+    views = (patches.reshape(patches.shape[0], total) @ pick).reshape(-1, len(offsets), (2 * r + 1) ** 3)
+    signs = torch.zeros((12, len(offsets)), dtype=patches.dtype, device=patches.device)
+    for c, (a, b) in enumerate(neighbour_pairs(d)):  # pair c: I(. + a) - I(. + b)
+        signs[c, offsets.index(a)] = 1.0
+        signs[c, offsets.index(b)] = -1.0
+    diff = signs @ views  # [B, 12, (2r + 1)^3]
+    return _mind_from_distances((diff * diff).mean(dim=2), dim=1)
+
+
+def centre_module(radius: int, dilation: int):
+    """The patch-mode module: ``patches`` [B, 1, P, P, P] -> ``(mind,)`` with ``mind`` [B, 12], the
+    descriptor of the centre voxel ``P // 2`` (the contract of ``patch_file``), computed from the
+    voxels it needs only (see :func:`mind_centre_torch`)."""
+    from torch import nn
+
+    class MindCentre(nn.Module):
+        def forward(self, patches):
+            return (mind_centre_torch(patches, radius, dilation),)
+
+    return MindCentre().eval()
+
+
+def build_patch_graphs(name: str, radius: int, dilation: int, folder: Path) -> dict:
+    """Write ``<name>_patch.onnx`` and ``<name>_vjp.onnx`` (needs torch and onnxscript) and check
+    them against torch on patch sizes 3, 7, 8 and 11 (smaller than the receptive field: edge
+    replication; even: an asymmetric patch)."""
+    from . import build
+
+    return build.export_patch_graphs(centre_module(radius, dilation), folder, name, PATCH_SIZE, 1, [12], ["mind"],
+                                     check_sizes=(3, 8, 11), doc=f"MIND-SSC r{radius}d{dilation}")
+
+
 def manifest(name: str, radius: int, dilation: int) -> dict:
     """The manifest entry of a MIND-SSC variant (see fastimpact.onnx_models for the format)."""
     return {
@@ -136,6 +225,11 @@ def manifest(name: str, radius: int, dilation: int) -> dict:
         "global_normalization": False,
         "license": "Apache-2.0 (this graph); method: Heinrich et al. 2012/2013",
         "provenance": f"built by fastimpact/onnx_models/mind.py (radius={radius}, dilation={dilation})",
+        "patch_file": f"{name}_patch.onnx",
+        "vjp_file": f"{name}_vjp.onnx",
+        "patch_layers": [0],
+        "patch_size": PATCH_SIZE,
+        "patch_size_fixed": False,
     }
 
 
@@ -145,8 +239,10 @@ def main() -> None:  # pragma: no cover - build script
     here = Path(__file__).resolve().parent
     for name, (r, d) in VARIANTS.items():
         onnx.save(build_graph(r, d), str(here / f"{name}.onnx"))
+        info = build_patch_graphs(name, r, d, here)
         (here / f"{name}.json").write_text(json.dumps(manifest(name, r, d), indent=2) + "\n")
-        print(f"wrote {name}.onnx and {name}.json")
+        print(f"wrote {name}.onnx, {info['patch_file']}, {info['vjp_file']} (ONNX Runtime vs torch, max rel. "
+              f"error: forward {info['errors']['forward']:.1e}, VJP {info['errors']['vjp']:.1e}) and {name}.json")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -343,11 +343,11 @@ def test_jacobian_mode_and_patch_sizes():
     assert fields["device"] == "cuda" and "tile_size" not in fields
     # without a mask elastix compares the first layer of each model (fastimpact's default is all layers)
     assert fields["layers"] == "1" and any(w.startswith("ImpactLayersMask0 not given") for w in warnings)
-    assert "ignored: ImpactPatchSize<k> (Jacobian-mode patch: not a fastimpact setting)" in warnings
     if _jacobian_available():
-        assert fields["mode"] == "jacobian"
+        assert fields["mode"] == "jacobian" and fields["patch_size"] == "7"
     else:
         assert fields["mode"] == "static" and any(w.startswith("ImpactMode Jacobian:") for w in warnings)
+        assert "patch_size" not in fields
     fields, _ = config_from_elastix({**base, "ImpactMode": "Static", "ImpactPatchSize0": [96, 96, 96]})
     assert fields["mode"] == "static" and fields["tile_size"] == 96
 

@@ -158,7 +158,7 @@ def test_impact_with_masks_and_combination_recovers_a_shift():
     ({"pca": 13}, "pca"),
     ({"distance": "l2 l1"}, "distance has 2 values"),
     ({"feature_norm": "max"}, "feature_norm"),
-    ({"mode": "jacobian"}, "jacobian"),
+    ({"mode": "jacobian", "patch_size": 4}, "odd"),
     ({"model": "mind", "moving_model": "deepbet"}, "same number of channels"),
 ])
 def test_bad_impact_settings_are_rejected_before_any_work(options, needle):

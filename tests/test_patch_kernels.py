@@ -260,3 +260,24 @@ def test_bad_inputs_raise_config_error(be, geometry):
         sw(coef, c, o, np.eye(4), geometry["bs_coef"], None, np.eye(4))
     with pytest.raises(ConfigError, match="gx, gy, gz, 3"):
         sw(coef, c, o, np.eye(4), np.zeros((4, 4, 4)), np.eye(4), np.eye(4))
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+def test_gather_patches_equals_interpolation_at_grid_points(n):
+    from fastimpact.kernels import get_kernel
+
+    rng = np.random.default_rng(21)
+    data = rng.normal(size=(45, 63, 37)).astype(np.float32)
+    centres = np.stack([rng.integers(0, s, n) for s in data.shape], axis=1)
+    r = np.arange(-3, 4)
+    offsets = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    got = get_kernel("gather_patches", "cpu")(data, centres, offsets)
+    want = get_kernel("gather_patches", "numpy")(data, centres, offsets)
+    np.testing.assert_array_equal(got, want)
+    # the patches of cubic interpolation (mirror boundary) at the same points, near borders too
+    from scipy import ndimage
+
+    coef = ndimage.spline_filter(data.astype(np.float64), order=3, mode="mirror")
+    pts = (centres[:, None, :] + offsets[None]).reshape(-1, 3).astype(np.float64)
+    vals, _ = get_kernel("cubic_sample", "numpy")(coef, pts[:2000])
+    np.testing.assert_allclose(got.ravel()[:2000], vals, atol=1e-4)

@@ -97,6 +97,22 @@ class IntensityNormalization:
             x = np.clip(x, self.lo, self.hi)
         return ((x - np.float32(self.shift)) / np.float32(self.scale)).astype(np.float32, copy=False)
 
+    def input_gradient(self, grad: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """Chain a gradient w.r.t. the model input, ``grad`` (K, C_in, *patch), back to the raw
+        intensities ``raw`` (K, V) the input was made of (through the channel replication, the
+        ImageNet scaling and this normalisation; zero where ``ct`` clipping is active)."""
+        k = grad.shape[0]
+        g = np.asarray(grad, dtype=np.float64).reshape(k, grad.shape[1], -1)
+        if self.mode == "imagenet" and g.shape[1] == 3:
+            g = g / np.asarray(IMAGENET_STD)[None, :, None]
+        g = g.sum(axis=1)
+        if self.mode == "none":
+            return g
+        g = g / self.scale
+        if math.isfinite(self.lo) or math.isfinite(self.hi):
+            g = np.where((raw > self.lo) & (raw < self.hi), g, 0.0)
+        return g
+
     def channels(self, x: np.ndarray, n_channels: int) -> np.ndarray:
         """Stack a normalised grey batch (B, *spatial) into (B, n_channels, *spatial)."""
         if n_channels == 1:
@@ -171,15 +187,18 @@ class FeatureExtractor:
     Sessions are cached per (file, threads, providers): a registration builds each once.
     """
 
-    def __init__(self, spec, threads: int | None = None, providers=("CPUExecutionProvider",)):
+    def __init__(self, spec, threads: int | None = None, providers=("CPUExecutionProvider",), graph: str = "full"):
         self.spec = spec
+        self.graph = graph
+        self.path = {"full": spec.path, "patch": getattr(spec, "patch_path", None),
+                     "vjp": getattr(spec, "vjp_path", None)}[graph]
         self.threads = int(threads or os.cpu_count() or 1)
         self.providers = tuple(providers)
         self._output_names = None
 
     @property
     def session(self):
-        key = (str(self.spec.path), self.threads, self.providers)
+        key = (str(self.path), self.threads, self.providers)
         with _SESSIONS_LOCK:
             sess = _SESSIONS.get(key)
             if sess is None:
@@ -189,29 +208,48 @@ class FeatureExtractor:
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
                 try:
-                    sess = ort.InferenceSession(str(self.spec.path), sess_options=opts, providers=list(self.providers))
+                    sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(self.providers))
                 except Exception as exc:  # ORT has its own exception types
-                    raise ConfigError(f"model file '{self.spec.path}' cannot be loaded by ONNX Runtime "
+                    raise ConfigError(f"model file '{self.path}' cannot be loaded by ONNX Runtime "
                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rebuild or "
                                       "re-export the model") from None
                 n_out = len(sess.get_outputs())
-                if n_out != len(self.spec.layers):
-                    raise ConfigError(f"model '{self.spec.name}': the ONNX graph has {n_out} outputs but its manifest "
-                                      f"lists {len(self.spec.layers)} layers; fix the manifest")
+                expected = {"full": len(self.spec.layers), "patch": len(getattr(self.spec, "patch_layers", ()) or ()),
+                            "vjp": 1}[self.graph]
+                if n_out != expected:
+                    raise ConfigError(f"model '{self.spec.name}': the {self.graph} ONNX graph has {n_out} outputs but "
+                                      f"its manifest implies {expected}; fix the manifest")
                 _SESSIONS[key] = sess
         return sess
 
+    def run_vjp(self, patches: np.ndarray, cotangents) -> np.ndarray:
+        """The VJP graph: d(sum_k <centre_k(patches), cotangent_k>)/d patches, (B, C_in, *patch)."""
+        sess = self.session
+        inputs = sess.get_inputs()
+        feed = {inputs[0].name: np.ascontiguousarray(patches, dtype=np.float32)}
+        for inp, cot in zip(inputs[1:], cotangents):
+            feed[inp.name] = np.ascontiguousarray(cot, dtype=np.float32)
+        try:
+            return sess.run(None, feed)[0]
+        except Exception as exc:
+            raise RegistrationError(f"the VJP graph of model '{self.spec.name}' failed on patches of shape "
+                                    f"{list(patches.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
     def run(self, batch: np.ndarray, outputs) -> list:
-        """Run on ``batch`` (B, C_in, *spatial) float32; return the requested outputs, as ONNX
-        gives them (B, C_l, *spatial / stride)."""
+        """Run on ``batch`` (B, C_in, *spatial) float32; return the requested outputs (None: all),
+        as ONNX gives them (B, C_l, *spatial / stride; the patch graph: (B, C_l) centres)."""
         sess = self.session
         names = [o.name for o in sess.get_outputs()]
+        if outputs is None:
+            outputs = range(len(names))
         try:
             res = sess.run([names[i] for i in outputs], {sess.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)})
         except Exception as exc:
             raise RegistrationError(f"model '{self.spec.name}' failed on an input of shape {list(batch.shape)} "
                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the model's "
                                     "manifest (dimension, input_channels, size_multiple)") from None
+        if self.graph != "full":
+            return res
         for i, r in zip(outputs, res):
             c = self.spec.layers[i].channels
             if r.ndim != batch.ndim or r.shape[0] != batch.shape[0] or r.shape[1] != c:

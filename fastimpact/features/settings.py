@@ -1,7 +1,8 @@
 """IMPACT settings of one pyramid level, resolved from a RegistrationConfig.
 
 Each IMPACT field of the config holds one entry per level (or one entry for every level). An
-entry holds one value per model (``model``, ``moving_model``, ``layers``, ``voxel_size``) or per
+entry holds one value per model (``model``, ``moving_model``, ``layers``, ``voxel_size``,
+``patch_size``) or per
 kept layer over all models in order (``distance``, ``layer_weights``, ``subset``, ``pca``,
 ``feature_norm``), as a space-separated string ("l2 l1") or a list; a single value applies to
 every model / layer.
@@ -37,6 +38,7 @@ class ModelUse:
     moving_model: str
     voxel_size: float | None
     layers: tuple  # of LayerUse
+    patch_size: int | None = None  # jacobian mode (None: the model's default)
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,8 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
     """
     from ..onnx_models import load_model_spec
 
-    if cfg.mode == "jacobian":
-        raise ConfigError("mode=jacobian is not available in this version: use mode=static (--mode static)")
     pick = {name: cfg.per_level(name)[level] for name in
-            ("model", "moving_model", "layers", "voxel_size", "distance", "layer_weights", "subset", "pca",
+            ("model", "moving_model", "layers", "voxel_size", "patch_size", "distance", "layer_weights", "subset", "pca",
              "feature_norm")}
     models = [str(m) for m in split_entry(pick["model"]) if m is not None]
     if not models:
@@ -119,6 +119,11 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
     layers = _spread("layers", split_entry(pick["layers"]), n_models, "models", level)
     voxel = _spread("voxel_size", split_entry(pick["voxel_size"]), n_models, "models", level)
     voxel = [None if v in (None, 0, "0", "none", "auto") else _as_float("voxel_size", v) for v in voxel]
+    patch = _spread("patch_size", split_entry(pick["patch_size"]), n_models, "models", level)
+    patch = [None if v in (None, 0, "0", "none", "auto") else _as_int("patch_size", v, 1) for v in patch]
+    for v in patch:
+        if v is not None and v % 2 == 0:
+            raise ConfigError(f"patch_size={v} is invalid: use an odd number of voxels (the patch has a centre voxel)")
 
     masks = []
     for i, mask in enumerate(layers):
@@ -181,5 +186,5 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
                                       f"'{specs[i][0].name}': use at most {channels} (0 = off)")
             uses.append(LayerUse(k, d, _as_float("layer_weights", weights[j], positive=True), sub, npca, fnorm))
             j += 1
-        out.append(ModelUse(models[i], moving[i], voxel[i], tuple(uses)))
+        out.append(ModelUse(models[i], moving[i], voxel[i], tuple(uses), patch[i]))
     return ImpactLevel(cfg.mode, tuple(out))

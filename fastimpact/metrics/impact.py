@@ -98,6 +98,10 @@ class StaticImpact:
         self.k_values = get_kernel("cubic_sample_channels_values", backend)
         self.last_layer_values: list = []
 
+    def reset_normalisation(self):
+        for p in self.pairs:
+            p.scale = None
+
     def value_and_gradient(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray, gradient: bool = True):
         """flat: (K,) fixed voxel indices of the level; x, y: (K, 3) world mm fixed points and their
         moving points. Returns (value, gy (K, 3) or None)."""

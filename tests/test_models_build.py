@@ -1,0 +1,189 @@
+"""`fastimpact models build` (cli/models_build.py, onnx_models/build.py): an nnU-Net encoder
+(dynamic-network-architectures PlainConvUNet, random weights), a Python-file network and a
+TorchScript file converted to ONNX; the graphs against torch. Needs torch, onnxscript and
+dynamic-network-architectures (the models extra): skipped without them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastimpact.errors import ConfigError
+
+torch = pytest.importorskip("torch", reason="models build needs torch (the models extra)")
+pytest.importorskip("onnxscript", reason="models build needs onnxscript (the models extra)")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is part of the test extra")
+typer_testing = pytest.importorskip("typer.testing")
+
+from fastimpact.onnx_models import load_model_spec, validate_with_runtime  # noqa: E402
+from fastimpact.onnx_models.build import build_model, load_user_network, vjp_reference  # noqa: E402
+
+ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+        "n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2],
+        "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    },
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+
+
+def run_cli(args):
+    import typer
+
+    from fastimpact.cli.models_build import build
+
+    app = typer.Typer()
+    app.command()(build)
+    app.command("noop")(lambda: None)  # two commands: typer keeps `build` as a subcommand name
+    return typer_testing.CliRunner().invoke(app, ["build", *map(str, args)])
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    pytest.importorskip("dynamic_network_architectures", reason="pip install dynamic-network-architectures")
+    folder = tmp_path_factory.mktemp("nnunet")
+    plans = {"configurations": {"3d_fullres": {"architecture": ARCH}}}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    net = load_user_network(folder / "plans.json", configuration="3d_fullres", random_weights=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random but not initial weights, affine norms included
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    torch.save({"network_weights": net.state_dict()}, folder / "checkpoint_final.pth")
+    result = run_cli([folder / "plans.json", "--weights", folder / "checkpoint_final.pth", "--configuration",
+                      "3d_fullres", "--submodule", "encoder", "--layers", "0,1,2", "--layer-names", "e0,e1,e2",
+                      "--name", "unet", "-o", folder / "out", "--probe-size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output[result.output.index("{"):])
+    return folder, net.eval(), info
+
+
+def test_nnunet_encoder_manifest(nnunet):
+    folder, _, info = nnunet
+    spec = load_model_spec(folder / "out" / "unet.json")
+    validate_with_runtime(spec)
+    assert [(l.name, l.channels, l.stride, l.receptive_field) for l in spec.layers] == [
+        ("e0", 4, 1, 5), ("e1", 8, 2, 11), ("e2", 16, 4, 23)]  # two 3^3 convs per stage
+    assert spec.global_normalization and spec.receptive_field == 23 and spec.normalization == "zscore"
+    assert spec.patch_layers == (0, 1, 2) and spec.patch_size == 9 and spec.patch_centres(17) == (8, 4, 2)
+    assert max(info["checks"].values()) < 1e-4
+    with pytest.raises(ConfigError, match="use one of 8, 9, 16, 17"):
+        spec.patch_centres(11)
+
+
+def test_nnunet_graphs_agree_with_torch(nnunet):
+    folder, net, _ = nnunet
+    spec = load_model_spec(folder / "out" / "unet.json")
+    x = torch.randn(2, 1, 19, 24, 21, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net.encoder(x)
+    full = session(spec.path).run(None, {"image": x.numpy()})
+    for a, b in zip(full, ref):
+        assert a.shape == tuple(b.shape) and rel(a, b.numpy()) < 1e-4
+    for size in (9, 17):
+        p = torch.randn(3, 1, size, size, size, generator=torch.Generator().manual_seed(size))
+        outs = session(spec.path).run(None, {"image": p.numpy()})
+        centre = session(spec.patch_path).run(None, {"patches": p.numpy()})
+        for o, c, k in zip(outs, centre, spec.patch_centres(size)):
+            assert rel(c, o[:, :, k, k, k]) < 1e-5
+        cots = [torch.randn(3, c) for c in (4, 8, 16)]
+
+        def centre_torch(patches, size=size):
+            return tuple(f[:, :, k, k, k] for f, k in zip(net.encoder(patches), spec.patch_centres(size)))
+
+        grad = session(spec.vjp_path).run(None, {"patches": p.numpy(),
+                                                 **{f"cotangent_{i}": c.numpy() for i, c in enumerate(cots)}})[0]
+        assert rel(grad, vjp_reference(centre_torch, p, cots).numpy()) < 1e-4
+
+
+NET_PY = '''
+import torch
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.c2 = torch.nn.Conv3d(4, 6, 3, stride=2, padding=1)
+    def forward(self, x):
+        a = torch.relu(torch.instance_norm(self.c1(x), None, None, None, None, True, 0.1, 1e-5, True))
+        return a, torch.nn.functional.max_pool3d(torch.nn.functional.gelu(self.c2(a)), 2)
+torch.manual_seed(3)
+model = Tiny()
+'''
+
+
+def test_python_network_with_a_hooked_submodule_layer(tmp_path):
+    (tmp_path / "net.py").write_text(NET_PY)
+    info = build_model(tmp_path / "net.py", tmp_path, "tiny", ["0", "c2", "1"], probe_size=16, receptive_field=7)
+    # a functional instance norm cannot be swapped out, so the fields are not measured (all global)
+    assert [(l["channels"], l["stride"], l.get("receptive_field")) for l in info["layers"]] == [
+        (4, 1, None), (6, 2, None), (6, 4, None)]
+    assert info["receptive_field"] == 7 and info["global_normalization"] is True  # found in the traced ops
+    assert info["patch_size"] == 9 and max(info["checks"].values()) < 1e-4  # 2 lcm(1, 2, 4) + 1
+    model = load_user_network(tmp_path / "net.py")
+    x = torch.randn(1, 1, 12, 10, 14)
+    with torch.no_grad():
+        a, pooled = model(x)
+        c2 = model.c2(a)
+    full = session(tmp_path / "tiny.onnx").run(None, {"image": x.numpy()})
+    for got, ref in zip(full, (a, c2, pooled)):
+        assert rel(got, ref.numpy()) < 1e-4
+    with pytest.raises(ConfigError, match="exist; use --force"):
+        build_model(tmp_path / "net.py", tmp_path, "tiny", ["0"])
+
+
+def test_torchscript_network_gives_a_static_only_model(tmp_path):
+    (tmp_path / "net.py").write_text(NET_PY)
+    model = load_user_network(tmp_path / "net.py")
+    torch.jit.trace(model, torch.randn(1, 1, 16, 16, 16)).save(str(tmp_path / "tiny.pt"))
+    result = run_cli([tmp_path / "tiny.pt", "--layers", "0,1", "--name", "ts", "-o", tmp_path / "o",
+                      "--probe-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "no patch graphs" in result.output
+    spec = load_model_spec(tmp_path / "o" / "ts.json")
+    validate_with_runtime(spec)
+    assert spec.patch_path is None and not (tmp_path / "o" / "ts_vjp.onnx").exists()
+    x = torch.randn(2, 1, 13, 18, 11)
+    with torch.no_grad():
+        ref = model(x)
+    for got, r in zip(session(spec.path).run(None, {"image": x.numpy()}), ref):
+        assert rel(got, r.numpy()) < 1e-4  # dynamic sizes work for the full graph
+    with pytest.raises(ConfigError, match="no patch graphs"):
+        spec.patch_centres()
+
+
+def test_invalid_requests_are_config_errors(tmp_path):
+    (tmp_path / "net.py").write_text(NET_PY)
+    cases = [
+        (dict(layers=["0", "1"], patch_size=11), r"patch_size=11 .*strides \[1, 4\].*use one of 8, 9, 16, 17"),
+        (dict(layers=["0", "nope"]), "'nope' is neither an output index nor a submodule"),
+        (dict(layers=["0"], submodule="encoder"), "submodule='encoder': the network has no 'encoder'"),
+        (dict(layers=["0"], entry="Nothing"), "defines no Nothing"),
+        (dict(layers=["0", "1"], patch_layers=[1, 0]), "patch_layers=\\[1, 0\\] must be increasing"),
+        (dict(layers=[]), "layers is empty"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(ConfigError, match=needle) as info:
+            build_model(tmp_path / "net.py", tmp_path / "o", "x", probe_size=16, **kwargs)
+        assert "\n" not in str(info.value)
+    (tmp_path / "arch.json").write_text(json.dumps(ARCH))
+    with pytest.raises(ConfigError, match="without weights"):
+        build_model(tmp_path / "arch.json", tmp_path / "o", "x", ["0"])
+    torch.save({"something": torch.zeros(2)}, tmp_path / "bad.pth")
+    pytest.importorskip("dynamic_network_architectures", reason="pip install dynamic-network-architectures")
+    with pytest.raises(ConfigError, match="do not fit the architecture"):
+        build_model(tmp_path / "arch.json", tmp_path / "o", "x", ["0"], weights=tmp_path / "bad.pth")
+    result = run_cli([tmp_path / "missing.pt", "--layers", "0", "--name", "x", "-o", tmp_path / "o"])
+    assert result.exit_code != 0 and "does not exist" in str(result.exception)
