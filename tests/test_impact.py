@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import blob_volume  # noqa: E402
+from conftest import blob_volume, cost_gradient_check  # noqa: E402
 from fastimpact import register  # noqa: E402
 from fastimpact.config import RegistrationConfig  # noqa: E402
 from fastimpact.errors import ConfigError  # noqa: E402
@@ -56,24 +56,8 @@ def _cost(stage, *, with_mi=False, **impact_options):
 
 
 def _fd_check(cost, flat, stage):
-    theta = cost.get_parameters()
-    value, grad = cost.evaluate_at(flat)
-    grad = grad.copy()
-    rng = np.random.default_rng(0)
-    picks = np.arange(12) if stage == "affine" else rng.choice(
-        np.flatnonzero(np.abs(grad) > 1e-3 * np.abs(grad).max()), 10, replace=False)
-    eps = 1e-4 if stage == "affine" else 1e-3
-    num = []
-    for k in picks:
-        vals = []
-        for s in (1, -1):
-            th = theta.copy()
-            th[k] += s * eps
-            cost.set_parameters(th)
-            vals.append(cost.evaluate_at(flat, gradient=False)[0])
-        num.append((vals[0] - vals[1]) / (2 * eps))
-    cost.set_parameters(theta)
-    np.testing.assert_allclose(grad[picks], num, rtol=2e-3, atol=2e-4 * np.abs(grad).max())
+    value, grad, num, scale = cost_gradient_check(cost, flat, stage, eps=1e-4 if stage == "affine" else 1e-3)
+    np.testing.assert_allclose(grad, num, rtol=2e-3, atol=2e-4 * scale)
     return value
 
 

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import blob_volume  # noqa: E402
+from conftest import blob_volume, cost_gradient_check  # noqa: E402
 from fastimpact import register  # noqa: E402
 from fastimpact.config import RegistrationConfig  # noqa: E402
 from fastimpact.errors import ConfigError  # noqa: E402
@@ -49,26 +49,10 @@ def _cost(stage, chain="exact", n=300, **options):
     return cost, flat[inner]
 
 
-def _fd(cost, flat, stage, picks=None):
-    theta = cost.get_parameters()
-    value, grad = cost.evaluate_at(flat)
-    grad = grad.copy()
-    rng = np.random.default_rng(0)
-    if picks is None:
-        picks = np.arange(12) if stage == "affine" else rng.choice(
-            np.flatnonzero(np.abs(grad) > 1e-2 * np.abs(grad).max()), 8, replace=False)
-    eps = 1e-3 if stage == "affine" else 1e-2
-    num = []
-    for k in picks:
-        vals = []
-        for s in (1, -1):
-            th = theta.copy()
-            th[k] += s * eps
-            cost.set_parameters(th)
-            vals.append(cost.evaluate_at(flat, gradient=False)[0])
-        num.append((vals[0] - vals[1]) / (2 * eps))
-    cost.set_parameters(theta)
-    return grad[picks], np.array(num), np.abs(grad).max()
+def _fd(cost, flat, stage):
+    _, grad, num, scale = cost_gradient_check(cost, flat, stage, eps=1e-3 if stage == "affine" else 1e-2,
+                                              n_picks=8, threshold=1e-2)
+    return grad, num, scale
 
 
 @pytest.mark.parametrize("stage", ["affine", "bspline"])
