@@ -331,7 +331,34 @@ class CostFunction:
         if lv.moving_mask is not None and keep.any():
             r = np.floor(q[keep] + 0.5).astype(np.intp)
             keep[np.flatnonzero(keep)[lv.moving_mask[r[:, 0], r[:, 1], r[:, 2]] == 0]] = False
+            if self.impact is not None and getattr(self.impact[1], "jacobian", False):
+                self._patch_in_moving_mask(x, keep)
         return flat[keep], x[keep], y[keep], pts[keep]
+
+    def _patch_in_moving_mask(self, x: np.ndarray, keep: np.ndarray) -> None:
+        """Jacobian mode: drop samples whose patch, mapped by T, leaves the moving image or mask
+        (checked at the patch's corners; in place on ``keep``)."""
+        lv = self.level
+        offsets = self.impact[1].max_offsets()
+        norm = np.linalg.norm(offsets, axis=1)
+        corners = offsets[norm >= norm.max() - 1e-9]
+        a = self.transform.affine.as_matrix()
+        minv = lv.moving_inv
+        hi = np.asarray(lv.moving.shape, dtype=np.float64) - 1.0
+        for c in corners:
+            kk = np.flatnonzero(keep)
+            if kk.size == 0:
+                return
+            xc = x[kk] + c
+            yc = xc @ a[:3, :3].T + a[:3, 3]
+            if self.stage == "bspline":
+                g = self.transform.grid.world_to_grid()
+                yc += self.k_eval(self.transform.coef, np.ascontiguousarray(xc @ g[:3, :3].T + g[:3, 3]))
+            q = yc @ minv[:3, :3].T + minv[:3, 3]
+            inside = np.all((q >= 0.0) & (q <= hi), axis=1)
+            r = np.clip(np.floor(q + 0.5), 0, hi).astype(np.intp)
+            inside &= lv.moving_mask[r[:, 0], r[:, 1], r[:, 2]] != 0
+            keep[kk[~inside]] = False
 
     def evaluate_at(self, flat: np.ndarray, *, gradient: bool = True):
         """Value and gradient at given fixed voxels (flat indices (N,) of the level's fixed image)."""

@@ -60,7 +60,11 @@ def _fd(cost, flat, stage):
     {"model": "mind", "distance": "l2"},
     {"model": "mind", "distance": "cosine", "feature_norm": "l2"},
     {"model": "mind-r2d1", "distance": "ncc", "patch_size": 5},
+    {"model": "mind", "distance": "l1cosine", "feature_norm": "standardized"},
+    {"model": "mind", "distance": "dice"},
+    {"model": "mind", "distance": "dotproduct"},
     {"model": "deepbet", "layers": "11", "distance": "l1 l2", "patch_size": 9},
+    {"model": "deepbet", "layers": "101", "distance": "cosine ncc", "patch_size": 9},
 ])
 def test_exact_chain_gradient_matches_finite_differences(stage, options):
     # float32 networks: central differences of a float32 forward pass are accurate to ~1e-3
@@ -127,3 +131,21 @@ def test_jacobian_mode_recovers_a_shift():
     # (static mode: the same on this small blob image, 0.22 mm)
     np.testing.assert_allclose(u.reshape(-1, 3).mean(axis=0), [2.0, 0.0, -1.0], atol=0.1)
     assert np.linalg.norm(u - np.array([2.0, 0.0, -1.0]), axis=-1).mean() < 0.3
+
+
+def test_with_a_moving_mask_only_patches_inside_it_are_used():
+    cost, flat = _cost("bspline", distance="l2")
+    lv = cost.level
+    mask = np.zeros(lv.moving.shape, np.uint8)
+    mask[8:20, 8:22, 8:18] = 1
+    lv.moving_mask = mask
+    kept, x, y, _ = cost._map_points(flat)
+    assert 0 < len(kept) < len(flat)
+    term = cost.impact[1]
+    offsets = term.max_offsets()
+    minv = lv.moving_inv
+    for xi in x[:: max(1, len(x) // 20)]:
+        # every voxel of the kept patches maps inside the mask (nearest voxel)
+        pts = cost.transform.map_world(xi + offsets)
+        q = np.floor(pts @ minv[:3, :3].T + minv[:3, 3] + 0.5).astype(int)
+        assert np.all(mask[q[:, 0], q[:, 1], q[:, 2]] == 1)
