@@ -30,9 +30,11 @@ cubic_sample_channels_values  (coef, points) -> values (N, C): the fixed feature
 prefilter_channels       (data (X, Y, Z, C)) -> float32 cubic B-spline coefficients per channel
 gather_patches           (data, centres (N, 3) int, offsets (V, 3) int) -> (N, V) grid patches
 sample_patches           (coef, centres, offsets, w2i, fill) -> values (N, V) float32:
-                         patches around world points (Jacobian mode, fixed side)
+                         patches around world points (Jacobian mode, fixed side); offsets
+                         (V, 3) shared or (N, V, 3) per centre (2-D models' oriented planes)
 sample_patches_warped    (coef, centres, offsets, affine, bs_coef, w2grid, w2i) -> values
-                         (N, V), d value / d world point (N, V, 3); through the transform
+                         (N, V), d value / d world point (N, V, 3); through the transform;
+                         offsets as for sample_patches
 =======================  ==================================================================
 """
 

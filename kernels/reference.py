@@ -580,11 +580,24 @@ def _point_list(arr, name):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
+def _patch_offsets(offsets, n):
+    """Patch offsets as float64: (V, 3) shared by every centre, or (n, V, 3) one set per centre."""
+    o = np.asarray(offsets)
+    if o.ndim == 3 and o.shape[0] == n and o.shape[2] == 3:
+        return np.ascontiguousarray(o, dtype=np.float64)
+    if o.ndim != 2 or o.shape[1] != 3:
+        raise ConfigError(f"offsets must have shape (V, 3) or (N, V, 3) with N = {n} centres, got {o.shape}; "
+                          "pass one world offset (mm) per row, shared or per centre")
+    return np.ascontiguousarray(o, dtype=np.float64)
+
+
 def _patch_points(centres, offsets):
-    """World points of every patch voxel: (N * V, 3), row n * V + v = centres[n] + offsets[v]."""
+    """World points of every patch voxel: (N * V, 3), row n * V + v = centres[n] + offsets[v]
+    (shared offsets (V, 3)) or centres[n] + offsets[n, v] (per-centre offsets (N, V, 3))."""
     c = _point_list(centres, "centres")
-    o = _point_list(offsets, "offsets")
-    return (c[:, None, :] + o[None, :, :]).reshape(-1, 3), len(c), len(o)
+    o = _patch_offsets(offsets, len(c))
+    o3 = o if o.ndim == 3 else o[None, :, :]
+    return (c[:, None, :] + o3).reshape(-1, 3), len(c), o.shape[-2]
 
 
 def sample_patches(coef, centres, offsets, w2i, fill=0.0):
@@ -594,15 +607,18 @@ def sample_patches(coef, centres, offsets, w2i, fill=0.0):
     ----------
     coef : (nx, ny, nz) float32/float64 cubic B-spline coefficients (as for :func:`cubic_sample`).
     centres : (N, 3) world points (mm), the patch centres.
-    offsets : (V, 3) world offsets (mm) of the patch voxels from their centre (e.g. a P^3 grid).
+    offsets : (V, 3) world offsets (mm) of the patch voxels from their centre (e.g. a P^3 grid),
+        shared by every centre, or (N, V, 3): one set per centre (e.g. a randomly oriented P x P
+        plane per sample, for 2-D models).
     w2i : (4, 4) world (mm) -> continuous voxel index of ``coef``.
     fill : value of points with a non-finite (or ``|q| >= 1e15``) voxel index.
 
     Returns
     -------
     values : (N, V) float32; ``values[n, v]`` is :func:`cubic_sample`'s value at
-        ``q = w2i (centres[n] + offsets[v])``. Points outside ``[0, n-1]`` are mirrored exactly as
-        there (a patch may reach past the image border); ``fill`` is only for non-finite points.
+        ``q = w2i (centres[n] + offsets[v])`` (``offsets[n, v]`` for per-centre offsets). Points
+        outside ``[0, n-1]`` are mirrored exactly as there (a patch may reach past the image
+        border); ``fill`` is only for non-finite points.
     """
     _check_volume(coef, "coef")
     w2i = _matrix(w2i, (4, 4), "w2i")
@@ -622,14 +638,14 @@ def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
     ----------
     coef : (nx, ny, nz) float32/float64 cubic B-spline coefficients of the moving image.
     centres : (N, 3) world points (mm) of the patch centres, in the fixed (reference) space.
-    offsets : (V, 3) world offsets (mm) of the patch voxels.
+    offsets : (V, 3) world offsets (mm) of the patch voxels, shared, or (N, V, 3) per centre.
     affine : (4, 4) affine part of the transform, world -> world (mm).
     bs_coef : (gx, gy, gz, 3) B-spline control-point displacements (mm), zero-extended as in
         :func:`bspline_eval`; None means no B-spline (u = 0).
     w2grid : (4, 4) world (mm) -> continuous control-grid index (ignored when ``bs_coef`` is None).
     w2i : (4, 4) world (mm) -> continuous voxel index of ``coef``.
 
-    For ``p = centres[n] + offsets[v]`` the moving point is
+    For ``p = centres[n] + offsets[v]`` (or ``offsets[n, v]``) the moving point is
     ``y = affine[:3, :3] p + affine[:3, 3] + u(w2grid p)`` (mm) and ``q = w2i y``.
 
     Returns

@@ -281,3 +281,68 @@ def test_gather_patches_equals_interpolation_at_grid_points(n):
     pts = (centres[:, None, :] + offsets[None]).reshape(-1, 3).astype(np.float64)
     vals, _ = get_kernel("cubic_sample", "numpy")(coef, pts[:2000])
     np.testing.assert_allclose(got.ravel()[:2000], vals, atol=1e-4)
+
+
+def random_planes(rng, n, P, spacing):
+    """(n, P * P, 3) offsets: a P x P plane of the given spacing, randomly rotated per centre."""
+    h = (np.arange(P) - P // 2) * spacing
+    plane = np.stack(np.meshgrid(h, h, [0.0], indexing="ij"), axis=-1).reshape(-1, 3)
+    return np.stack([plane @ rotation(rng, 2.0).T for _ in range(n)])
+
+
+@pytest.mark.parametrize("be", BACKENDS_RUN)
+@pytest.mark.parametrize("n, P", [(30, 5), (800, 7)])  # 800 x 49 points: the parallel Numba kernel
+def test_per_centre_offsets_equal_the_shared_kernel_row_by_row(geometry, image, be, n, P):
+    rng = np.random.default_rng(n + 11)
+    coef = coef_of(image, np.float32)
+    centres = centres_world(rng, geometry, n, margin=2.0)
+    centres[1] = np.nan
+    offsets = random_planes(rng, n, P, 1.2)
+    args = (geometry["affine"], geometry["bs_coef"], geometry["w2grid"], geometry["w2i"])
+    sp, sw = get_kernel("sample_patches", be), get_kernel("sample_patches_warped", be)
+    vals = sp(coef, centres, offsets, geometry["w2i"], fill=-3.0)
+    wv, wg = sw(coef, centres, offsets, *args)
+    assert vals.shape == wv.shape == (n, P * P) and wg.shape == (n, P * P, 3)
+    for k in np.r_[0, 1, np.arange(2, n, max(1, n // 40)), n - 1]:
+        # the shared-offset kernel on one centre gives the same row, bit for bit
+        np.testing.assert_array_equal(vals[k], sp(coef, centres[k:k + 1], offsets[k], geometry["w2i"], fill=-3.0)[0])
+        v1, g1 = sw(coef, centres[k:k + 1], offsets[k], *args)
+        np.testing.assert_array_equal(wv[k], v1[0])
+        np.testing.assert_array_equal(wg[k], g1[0])
+    np.testing.assert_array_equal(vals[1], -3.0)
+    assert np.isnan(wv[1]).all()
+    # different planes really give different patches (the offsets are not ignored)
+    assert np.abs(vals[2] - sp(coef, centres[2:3], offsets[3], geometry["w2i"])[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("bs", [False, True])
+def test_per_centre_offsets_numba_matches_reference(geometry, image, bs):
+    rng = np.random.default_rng(4)
+    n, P = 400, 5
+    coef = coef_of(image, np.float64)
+    centres = centres_world(rng, geometry, n, margin=3.0)
+    offsets = random_planes(rng, n, P, 0.8)
+    args = (geometry["affine"], geometry["bs_coef"] if bs else None, geometry["w2grid"], geometry["w2i"])
+    close(get_kernel("sample_patches", "cpu")(coef, centres, offsets, geometry["w2i"]),
+          get_kernel("sample_patches", "numpy")(coef, centres, offsets, geometry["w2i"]))
+    v, g = get_kernel("sample_patches_warped", "cpu")(coef, centres, offsets, *args)
+    rv, rg = get_kernel("sample_patches_warped", "numpy")(coef, centres, offsets, *args)
+    close(v, rv)
+    close(g, rg)
+    # and the composition of the separate kernels, centre by centre
+    for k in (0, 7, n - 1):
+        ev, eg = composed_warp(coef, centres[k:k + 1], offsets[k], geometry, args[1])
+        close(v[k], ev)
+        close(g[k], eg.reshape(-1, 3))
+
+
+@pytest.mark.parametrize("be", BACKENDS_RUN)
+def test_per_centre_offsets_bad_shape(be):
+    coef = np.zeros((5, 6, 7))
+    with pytest.raises(ConfigError, match="offsets must have shape"):
+        get_kernel("sample_patches", be)(coef, np.zeros((4, 3)), np.zeros((3, 9, 3)), np.eye(4))
+    with pytest.raises(ConfigError, match="offsets must have shape"):
+        get_kernel("sample_patches_warped", be)(coef, np.zeros((4, 3)), np.zeros((4, 9, 2)), np.eye(4), None, None,
+                                                np.eye(4))
+    v = get_kernel("sample_patches", be)(coef, np.zeros((0, 3)), np.zeros((0, 9, 3)), np.eye(4))
+    assert v.shape == (0, 9)

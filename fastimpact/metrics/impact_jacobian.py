@@ -11,6 +11,11 @@ cotangents dD/dm, the model's VJP graph turns them into dD/d(patch voxel), and
               ~ sum_v dD/dp_v * g_v . dT(x)/dtheta              ("centre", the reference's choice)
 
 The centre chain scatters one gradient per sample; the exact chain scatters V per sample.
+
+2-D models (paper Sec. III-A-5, as for SAM): each sample's patch is a P x P plane (V = P^2) of
+spacing ``voxel_size`` (default: the fixed level image's mean spacing) with a random orientation
+R_n (three uniform Euler angles per sample, drawn from the term's generator at every evaluation);
+the fixed and the moving patch of a sample use the same plane, o_nv = R_n (a_v, b_v, 0).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["JacobianImpact", "build_jacobian_impact", "patch_offsets"]
+__all__ = ["JacobianImpact", "build_jacobian_impact", "patch_offsets", "plane_offsets", "euler_rotations"]
 
 
 def patch_offsets(fixed_img, patch: int, voxel: float | None) -> np.ndarray:
@@ -36,6 +41,29 @@ def patch_offsets(fixed_img, patch: int, voxel: float | None) -> np.ndarray:
     return np.ascontiguousarray(idx @ lin.T)
 
 
+def plane_offsets(patch: int, spacing: float) -> np.ndarray:
+    """(P^2, 3) offsets (mm) of an unrotated P x P plane patch in the world x-y plane, centred on
+    voxel P // 2, ``spacing`` mm apart. C order: row i * P + j is (i - P // 2, j - P // 2, 0) *
+    spacing, so patch axis 0 runs along x and axis 1 along y before the rotation."""
+    r = (np.arange(patch, dtype=np.float64) - patch // 2) * float(spacing)
+    return np.ascontiguousarray(np.stack(np.meshgrid(r, r, [0.0], indexing="ij"), axis=-1).reshape(-1, 3))
+
+
+def euler_rotations(angles: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) rotation matrices R = Rz(a2) Ry(a1) Rx(a0) from (N, 3) Euler angles (radians)."""
+    a = np.asarray(angles, dtype=np.float64)
+    c, s = np.cos(a), np.sin(a)
+    n = len(a)
+    rx, ry, rz = (np.zeros((n, 3, 3)) for _ in range(3))
+    rx[:, 0, 0] = 1.0
+    rx[:, 1, 1], rx[:, 1, 2], rx[:, 2, 1], rx[:, 2, 2] = c[:, 0], -s[:, 0], s[:, 0], c[:, 0]
+    ry[:, 1, 1] = 1.0
+    ry[:, 0, 0], ry[:, 0, 2], ry[:, 2, 0], ry[:, 2, 2] = c[:, 1], s[:, 1], -s[:, 1], c[:, 1]
+    rz[:, 2, 2] = 1.0
+    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1] = c[:, 2], -s[:, 2], s[:, 2], c[:, 2]
+    return rz @ ry @ rx
+
+
 class _ModelTerm:
     """One (fixed model, moving model) pair of a level: its patch geometry, sessions and layers."""
 
@@ -44,6 +72,8 @@ class _ModelTerm:
 
         self.use = use
         self.fspec, self.mspec = fspec, mspec
+        self.dimension = fspec.dimension
+        # 3-D: (P^3, 3) offsets shared by every sample; 2-D: the unrotated (P^2, 3) plane
         self.offsets = offsets
         self.patch = patch
         self.fnorm, self.mnorm = fnorm, mnorm
@@ -59,12 +89,26 @@ class _ModelTerm:
                                   f"patch graph: in jacobian mode use the patch layers ({names}) or mode=static")
             self.slots.append(fspec.patch_layers.index(lu.index))
         self.scales = [None] * len(use.layers)
+        for spec, ext in ((fspec, self.f_patch), (mspec, self.m_patch), (mspec, self.m_vjp)):
+            rank = len(ext.session.get_inputs()[0].shape)
+            if rank != spec.dimension + 2:
+                raise ConfigError(f"model '{spec.name}' is {spec.dimension}-D in its manifest but its {ext.graph} "
+                                  f"graph '{ext.path.name}' takes inputs of rank {rank} (expected "
+                                  f"{spec.dimension + 2}); fix 'dimension' in the manifest or re-export the graph")
+        self.last_offsets = None  # 2-D: the (K, P^2, 3) planes of the last evaluation
 
     def batch(self, values: np.ndarray, norm, spec) -> np.ndarray:
-        """(K, V) sampled intensities -> the model input (K, C_in, P, P, P) float32."""
-        p = self.patch
-        x = norm(values).reshape(len(values), p, p, p)
+        """(K, V) sampled intensities -> the model input (K, C_in, P, ..., P) float32 (D patch axes)."""
+        x = norm(values).reshape((len(values),) + (self.patch,) * self.dimension)
         return np.ascontiguousarray(norm.channels(x, spec.input_channels), dtype=np.float32)
+
+    def reach(self) -> np.ndarray:
+        """Offsets (M, 3) whose box contains the patch of any sample: 3-D, the patch itself; 2-D, the
+        8 corners of the cube circumscribing the sphere swept by the plane's half-diagonal."""
+        if self.dimension == 3:
+            return self.offsets
+        r = float(np.linalg.norm(self.offsets, axis=1).max())
+        return r * np.stack(np.meshgrid([-1.0, 1.0], [-1.0, 1.0], [-1.0, 1.0], indexing="ij"), -1).reshape(-1, 3)
 
 
 class JacobianImpact:
@@ -84,28 +128,46 @@ class JacobianImpact:
         self.fixed_data = None if fixed_data is None else np.ascontiguousarray(fixed_data, dtype=np.float32)
         for t in self.terms:
             off = t.offsets @ fixed_inv[:3, :3].T
-            t.grid_offsets = np.rint(off).astype(np.int64) if (
-                self.fixed_data is not None and np.allclose(off, np.rint(off), atol=1e-6)) else None
+            # 2-D planes are rotated per sample: always interpolated
+            on_grid = self.fixed_data is not None and np.allclose(off, np.rint(off), atol=1e-6)
+            t.grid_offsets = np.rint(off).astype(np.int64) if (t.dimension == 3 and on_grid) else None
         self.fixed_coef, self.fixed_inv = fixed_coef, fixed_inv
         self.moving_coef, self.moving_inv = moving_coef, moving_inv
         self.chain = chain
         self.rng = np.random.default_rng(seed)
+        # True: 2-D models reuse the last planes while the sample count is unchanged (for gradient
+        # checks by finite differences); False (the registration): new planes every evaluation
+        self.freeze_rotations = False
         self.k_patches = get_kernel("sample_patches", backend)
         self.k_warped = get_kernel("sample_patches_warped", backend)
         self.k_gather = get_kernel("gather_patches", backend)
         self.last_layer_values: list = []
 
-    def _fixed_patches(self, t, x: np.ndarray) -> np.ndarray:
-        """(K, V) fixed patch intensities at x + o."""
-        if t.grid_offsets is None:
-            return self.k_patches(self.fixed_coef, x, t.offsets, self.fixed_inv, 0.0)
+    def _offsets(self, t, k: int) -> np.ndarray:
+        """The patch offsets of this evaluation: (V, 3) shared (3-D), or (K, P^2, 3) planes with
+        random orientations (2-D)."""
+        if t.dimension == 3:
+            return t.offsets
+        if not (self.freeze_rotations and t.last_offsets is not None and len(t.last_offsets) == k):
+            rot = euler_rotations(self.rng.uniform(0.0, 2.0 * np.pi, size=(k, 3)))
+            t.last_offsets = np.ascontiguousarray(np.einsum("kij,vj->kvi", rot, t.offsets))
+        return t.last_offsets
+
+    def _fixed_patches(self, t, x: np.ndarray, offsets=None) -> np.ndarray:
+        """(K, V) fixed patch intensities at x + o (``offsets``: (V, 3) or (K, V, 3); default the
+        term's shared offsets)."""
+        offsets = t.offsets if offsets is None else offsets
+        if t.grid_offsets is None or offsets.ndim == 3:
+            return self.k_patches(self.fixed_coef, x, offsets, self.fixed_inv, 0.0)
         fi = self.fixed_inv
         idx = np.rint(x @ fi[:3, :3].T + fi[:3, 3]).astype(np.int64)
         return self.k_gather(self.fixed_data, idx, t.grid_offsets)
 
     def max_offsets(self) -> np.ndarray:
-        """All patch offsets of the level's models (for the mask erosion), (M, 3) world mm."""
-        return np.concatenate([t.offsets for t in self.terms])
+        """Offsets (M, 3) world mm bounding every patch of the level's models (for the mask erosion
+        and the moving-mask corner check): the 3-D patches themselves, and for 2-D models the
+        corners of the cube around any orientation of the plane."""
+        return np.concatenate([t.reach() for t in self.terms])
 
     def reset_normalisation(self):
         for t in self.terms:
@@ -123,8 +185,9 @@ class JacobianImpact:
         pts_all, g_all = [], []
         gy_centre = np.zeros((len(x), 3)) if gradient else None
         for t in self.terms:
-            fv = self._fixed_patches(t, x)
-            mv, mg = self.k_warped(self.moving_coef, x, t.offsets, affine, bs_coef, w2grid, self.moving_inv)
+            off = self._offsets(t, len(x))
+            fv = self._fixed_patches(t, x, off)
+            mv, mg = self.k_warped(self.moving_coef, x, off, affine, bs_coef, w2grid, self.moving_inv)
             fin = t.batch(fv, t.fnorm, t.fspec)
             min_ = t.batch(mv, t.mnorm, t.mspec)
             ffeat = t.f_patch.run(fin, None)
@@ -149,12 +212,12 @@ class JacobianImpact:
                         cots[slot][:, cols] += w * dm
             if not gradient:
                 continue
-            grad = t.m_vjp.run_vjp(min_, cots)  # (K, C_in, P, P, P): dD / d(model input)
+            grad = t.m_vjp.run_vjp(min_, cots)  # (K, C_in, P, ..., P): dD / d(model input)
             dval = t.mnorm.input_gradient(grad, mv)  # (K, V): dD / d(moving intensity)
             if self.chain == "centre":
                 gy_centre += np.einsum("kv,kvd->kd", dval, mg)
             else:
-                pts_all.append((x[:, None, :] + t.offsets[None]).reshape(-1, 3))
+                pts_all.append((x[:, None, :] + (off if off.ndim == 3 else off[None])).reshape(-1, 3))
                 g_all.append((dval[..., None] * mg).reshape(-1, 3))
         self.last_layer_values = values
         if not gradient:
@@ -178,13 +241,18 @@ def build_jacobian_impact(settings, fixed_img, moving_img, fixed_norms, moving_n
             if spec.vjp_path is None or spec.patch_path is None:
                 raise ConfigError(f"model '{spec.name}' has no patch / VJP graphs, so it cannot run in jacobian mode: "
                                   "use mode=static, or build them with `fastimpact models build`")
-            if spec.dimension != 3:
-                raise ConfigError(f"model '{spec.name}' is {spec.dimension}-D: jacobian mode supports 3-D models "
-                                  "in this version; use mode=static")
+        if fspec.dimension != mspec.dimension:
+            raise ConfigError(f"fixed model '{fspec.name}' is {fspec.dimension}-D and moving model '{mspec.name}' "
+                              f"{mspec.dimension}-D: in jacobian mode both patches have the same shape; choose models "
+                              "of one dimension")
         patch = mu.patch_size or fspec.patch_size
         for spec in (fspec, mspec):
             spec.patch_centres(patch)  # a valid size for every patch layer, else a clear error
-        offsets = patch_offsets(fixed_img, patch, mu.voxel_size)
+        if fspec.dimension == 3:
+            offsets = patch_offsets(fixed_img, patch, mu.voxel_size)
+        else:
+            spacing = mu.voxel_size if mu.voxel_size is not None else float(np.mean(fixed_img.spacing))
+            offsets = plane_offsets(patch, spacing)
         terms.append(_ModelTerm(mu, fspec, mspec, offsets, patch, fixed_norms(fspec), moving_norms(mspec),
                                 threads, providers))
     fixed_coef = prefilter(fixed_img.data)
