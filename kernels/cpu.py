@@ -1112,9 +1112,11 @@ def prefilter_channels(data, inplace=False):
 # consecutive points (one patch) read neighbouring coefficients. No (N * V, 3) point arrays.
 
 
+# offsets are (M, V, 3): M = 1 for offsets shared by every centre, M = N for one set per centre
+# (row n * each of the offsets belongs to centre n)
 @_pjit
-def _k_sample_patches(coef, centres, offsets, w2i, fill, values, sink):
-    V = offsets.shape[0]
+def _k_sample_patches(coef, centres, offsets, each, w2i, fill, values, sink):
+    V = offsets.shape[1]
     total = values.shape[0]
     for blk in prange(sink.shape[0]):
         lo = blk * _BLOCK
@@ -1122,8 +1124,10 @@ def _k_sample_patches(coef, centres, offsets, w2i, fill, values, sink):
         for p in range(lo, hi):
             n = p // V
             v = p - n * V
+            m = n * each
             q0, q1, q2 = _affine_point(
-                w2i, centres[n, 0] + offsets[v, 0], centres[n, 1] + offsets[v, 1], centres[n, 2] + offsets[v, 2]
+                w2i, centres[n, 0] + offsets[m, v, 0], centres[n, 1] + offsets[m, v, 1],
+                centres[n, 2] + offsets[m, v, 2]
             )
             if _finite3(q0, q1, q2):
                 values[p] = _cubic_value(coef, q0, q1, q2)
@@ -1132,8 +1136,8 @@ def _k_sample_patches(coef, centres, offsets, w2i, fill, values, sink):
 
 
 @_pjit
-def _k_sample_patches_warped(coef, centres, offsets, affine, bs, use_bs, w2grid, w2i, values, grads, sink):
-    V = offsets.shape[0]
+def _k_sample_patches_warped(coef, centres, offsets, each, affine, bs, use_bs, w2grid, w2i, values, grads, sink):
+    V = offsets.shape[1]
     total = values.shape[0]
     for blk in prange(sink.shape[0]):
         lo = blk * _BLOCK
@@ -1141,9 +1145,10 @@ def _k_sample_patches_warped(coef, centres, offsets, affine, bs, use_bs, w2grid,
         for p in range(lo, hi):
             n = p // V
             v = p - n * V
-            x = centres[n, 0] + offsets[v, 0]
-            y = centres[n, 1] + offsets[v, 1]
-            z = centres[n, 2] + offsets[v, 2]
+            m = n * each
+            x = centres[n, 0] + offsets[m, v, 0]
+            y = centres[n, 1] + offsets[m, v, 1]
+            z = centres[n, 2] + offsets[m, v, 2]
             y0, y1, y2 = _affine_point(affine, x, y, z)
             if use_bs:
                 t0, t1, t2 = _affine_point(w2grid, x, y, z)
@@ -1160,85 +1165,35 @@ def _k_sample_patches_warped(coef, centres, offsets, affine, bs, use_bs, w2grid,
             grads[p, 2] = w2i[0, 2] * g0 + w2i[1, 2] * g1 + w2i[2, 2] * g2
 
 
-# Per-centre offsets (N, V, 3): the same loops reading offsets[n, v] (separate kernels, so the
-# shared-offset ones keep their 2-D indexing and speed).
-@_pjit
-def _k_sample_patches_each(coef, centres, offsets, w2i, fill, values, sink):
-    V = offsets.shape[1]
-    total = values.shape[0]
-    for blk in prange(sink.shape[0]):
-        lo = blk * _BLOCK
-        hi = min(lo + _BLOCK, total)
-        for p in range(lo, hi):
-            n = p // V
-            v = p - n * V
-            q0, q1, q2 = _affine_point(
-                w2i, centres[n, 0] + offsets[n, v, 0], centres[n, 1] + offsets[n, v, 1],
-                centres[n, 2] + offsets[n, v, 2]
-            )
-            if _finite3(q0, q1, q2):
-                values[p] = _cubic_value(coef, q0, q1, q2)
-            else:
-                values[p] = fill
-
-
-@_pjit
-def _k_sample_patches_warped_each(coef, centres, offsets, affine, bs, use_bs, w2grid, w2i, values, grads, sink):
-    V = offsets.shape[1]
-    total = values.shape[0]
-    for blk in prange(sink.shape[0]):
-        lo = blk * _BLOCK
-        hi = min(lo + _BLOCK, total)
-        for p in range(lo, hi):
-            n = p // V
-            v = p - n * V
-            x = centres[n, 0] + offsets[n, v, 0]
-            y = centres[n, 1] + offsets[n, v, 1]
-            z = centres[n, 2] + offsets[n, v, 2]
-            y0, y1, y2 = _affine_point(affine, x, y, z)
-            if use_bs:
-                t0, t1, t2 = _affine_point(w2grid, x, y, z)
-                u0, u1, u2 = _eval_point(bs, t0, t1, t2)
-                y0 += u0
-                y1 += u1
-                y2 += u2
-            q0, q1, q2 = _affine_point(w2i, y0, y1, y2)
-            val, g0, g1, g2 = _cubic_point(coef, q0, q1, q2)
-            values[p] = val
-            grads[p, 0] = w2i[0, 0] * g0 + w2i[1, 0] * g1 + w2i[2, 0] * g2
-            grads[p, 1] = w2i[0, 1] * g0 + w2i[1, 1] * g1 + w2i[2, 1] * g2
-            grads[p, 2] = w2i[0, 2] * g0 + w2i[1, 2] * g1 + w2i[2, 2] * g2
-
-
 def _patch_args(coef, centres, offsets):
     coef = _float_volume(coef, "coef")
     centres = _ref._point_list(centres, "centres")
-    return coef, centres, _ref._patch_offsets(offsets, len(centres))
+    offsets = _ref._patch_offsets(offsets, len(centres))
+    each = 1 if offsets.ndim == 3 else 0
+    return coef, centres, np.ascontiguousarray(offsets if each else offsets[None]), each
 
 
 def sample_patches(coef, centres, offsets, w2i, fill=0.0):
-    coef, centres, offsets = _patch_args(coef, centres, offsets)
+    coef, centres, offsets, each = _patch_args(coef, centres, offsets)
     w2i = _ref._matrix(w2i, (4, 4), "w2i")
-    n, v = len(centres), offsets.shape[-2]
+    n, v = len(centres), offsets.shape[1]
     values = np.empty((n, v), dtype=np.float32)
-    kernel = _k_sample_patches_each if offsets.ndim == 3 else _k_sample_patches
-    _pick(kernel, n * v)(coef, centres, offsets, w2i, float(fill), values.reshape(-1), _sink(n * v))
+    _pick(_k_sample_patches, n * v)(coef, centres, offsets, each, w2i, float(fill), values.reshape(-1), _sink(n * v))
     return values
 
 
 def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
-    coef, centres, offsets = _patch_args(coef, centres, offsets)
+    coef, centres, offsets, each = _patch_args(coef, centres, offsets)
     affine = _ref._matrix(affine, (4, 4), "affine")
     w2i = _ref._matrix(w2i, (4, 4), "w2i")
     use_bs = bs_coef is not None
     bs = _grid(bs_coef) if use_bs else _NO_GRID
     w2grid = _ref._matrix(w2grid, (4, 4), "w2grid") if use_bs else np.eye(4)
-    n, v = len(centres), offsets.shape[-2]
+    n, v = len(centres), offsets.shape[1]
     values = np.empty((n, v), dtype=np.float32)
     grads = np.empty((n, v, 3), dtype=np.float32)
-    kernel = _k_sample_patches_warped_each if offsets.ndim == 3 else _k_sample_patches_warped
-    _pick(kernel, n * v)(coef, centres, offsets, affine, bs, use_bs, w2grid, w2i,
-                         values.reshape(-1), grads.reshape(-1, 3), _sink(n * v))
+    _pick(_k_sample_patches_warped, n * v)(coef, centres, offsets, each, affine, bs, use_bs, w2grid, w2i,
+                                           values.reshape(-1), grads.reshape(-1, 3), _sink(n * v))
     return values, grads
 
 
