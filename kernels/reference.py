@@ -670,15 +670,6 @@ def sample_patches_warped(coef, centres, offsets, affine, bs_coef, w2grid, w2i):
     return values.astype(np.float32).reshape(n, v), g.astype(np.float32).reshape(n, v, 3)
 
 
-def _mirror_index(q, n):
-    """Whole-sample mirror folding of integer indices into [0, n - 1] (cubic_sample's rule)."""
-    if n == 1:
-        return np.zeros_like(q)
-    period = 2 * n - 2
-    q = np.mod(q, period)
-    return np.where(q >= n, period - q, q)
-
-
 def gather_patches(data, centres, offsets):
     """Patches of a volume on its own grid: ``data`` (X, Y, Z); ``centres`` (N, 3) and ``offsets``
     (V, 3) integer voxel indices. Returns (N, V) float32 ``data[centre + offset]`` with indices
