@@ -19,7 +19,7 @@ from fastimpact.errors import ConfigError  # noqa: E402
 from fastimpact.features.maps import IntensityNormalization  # noqa: E402
 from fastimpact.features.settings import impact_settings  # noqa: E402
 from fastimpact.image import Image  # noqa: E402
-from fastimpact.metrics.impact_jacobian import build_jacobian_impact, euler_rotations  # noqa: E402
+from fastimpact.metrics.impact_jacobian import build_jacobian_impact, random_rotations  # noqa: E402
 from fastimpact.registration import CostFunction, LevelData  # noqa: E402
 from fastimpact.samplers import RandomSampler  # noqa: E402
 from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform  # noqa: E402
@@ -116,6 +116,27 @@ def test_exact_chain_gradient_matches_finite_differences_with_frozen_planes(mode
     assert t.last_offsets.shape == (len(flat), P * P, 3)
 
 
+def test_centre_chain_with_planes(models):
+    """The centre chain (the reference's approximation) on 2-D planes: the same value as the exact
+    chain; the same translation gradient (dT/dt is the identity at every patch voxel); a B-spline
+    gradient close to, but not equal to, the exact one."""
+    for stage in ("affine", "bspline"):
+        exact, flat = _cost(stage, models[1], chain="exact", distance="l2")
+        centre, _ = _cost(stage, models[1], chain="centre", distance="l2")
+        ve, ge = exact.evaluate_at(flat)
+        ge = ge.copy()
+        vc, gc = centre.evaluate_at(flat)
+        # both costs draw the same planes (same seeds): only the chain differs
+        np.testing.assert_array_equal(exact.impact[1].terms[0].last_offsets, centre.impact[1].terms[0].last_offsets)
+        assert ve == pytest.approx(vc, rel=1e-6)
+        if stage == "affine":
+            np.testing.assert_allclose(gc[9:], ge[9:], rtol=1e-6, atol=1e-9 * np.abs(ge).max())
+            assert not np.allclose(gc[:9], ge[:9], rtol=1e-3)  # the linear part sees the patch extent
+        else:
+            cos = ge @ gc / (np.linalg.norm(ge) * np.linalg.norm(gc))
+            assert 0.8 < cos < 0.99999
+
+
 def test_planes_are_random_rotations_shared_by_fixed_and_moving(models):
     cost, flat = _cost("bspline", models[1], distance="l2", same=True)
     term = cost.impact[1]
@@ -147,11 +168,19 @@ def test_planes_are_random_rotations_shared_by_fixed_and_moving(models):
     np.testing.assert_array_equal(t.last_offsets, second)
 
 
-def test_euler_rotations_are_rotations():
-    R = euler_rotations(np.random.default_rng(0).uniform(0, 2 * np.pi, size=(50, 3)))
+def test_random_rotations_are_uniform_rotations():
+    R = random_rotations(np.random.default_rng(0), 20000)
     np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape), atol=1e-12)
     np.testing.assert_allclose(np.linalg.det(R), 1.0)
-    np.testing.assert_allclose(euler_rotations(np.array([[0, 0, np.pi / 2]]))[0] @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+    # Haar measure: every column (e.g. the plane normal R e_z) is uniform on the sphere, so each
+    # coordinate is uniform on [-1, 1] (Archimedes): mean 0, E[c^2] = 1/3, flat histogram.
+    # Uniform Euler angles would give E[n_z^2] = 1/4 and a histogram peaked at 0.
+    for col in range(3):
+        c = R[:, :, col]
+        np.testing.assert_allclose(c.mean(axis=0), 0.0, atol=0.02)
+        np.testing.assert_allclose((c**2).mean(axis=0), 1 / 3, atol=0.01)
+        hist = np.histogram(c[:, 2], bins=10, range=(-1, 1))[0] / len(c)
+        np.testing.assert_allclose(hist, 0.1, atol=0.01)
 
 
 def test_manifest_dimension_must_match_the_patch_graph_rank(models, tmp_path):

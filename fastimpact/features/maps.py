@@ -181,6 +181,48 @@ def _ort():
     return ort
 
 
+class OutputBuffers:
+    """Grow-only float32 output buffers for :meth:`FeatureExtractor.run_bound`, one per output.
+
+    ``get(k, shape)`` returns a C-contiguous view of the first ``prod(shape)`` elements of buffer
+    ``k``, reallocating only when a larger batch comes (a registration's batches are all about
+    the sample count), on the host or, for GPU feeds, on the GPU (CuPy).
+    """
+
+    def __init__(self):
+        self._store: dict = {}
+
+    def get(self, k: int, shape, like=None):
+        n = int(np.prod(shape))
+        gpu = like is not None and hasattr(like, "__cuda_array_interface__")
+        buf = self._store.get((k, gpu))
+        if buf is None or buf.size < n:
+            if gpu:
+                import cupy
+
+                buf = cupy.empty(max(n, 1), dtype=np.float32)
+            else:
+                buf = np.empty(max(n, 1), dtype=np.float32)
+            self._store[(k, gpu)] = buf
+        return buf[:n].reshape(shape)
+
+
+def _bind(io, kind: str, name: str, arr) -> None:
+    """Bind one float32 C-contiguous array (host or GPU) to an input or output of ``io``."""
+    if hasattr(arr, "__cuda_array_interface__"):
+        cai = arr.__cuda_array_interface__
+        device, ptr = "cuda", cai["data"][0]
+        dev_id = int(getattr(getattr(arr, "device", None), "id", 0))
+    else:
+        if not arr.flags.c_contiguous or arr.dtype != np.float32:
+            raise TypeError(f"{kind} '{name}' must be float32 C-contiguous for I/O binding")
+        device, ptr, dev_id = "cpu", arr.ctypes.data, 0
+    if kind == "input":
+        io.bind_input(name, device, dev_id, np.float32, list(arr.shape), ptr)
+    else:
+        io.bind_output(name, device, dev_id, np.float32, list(arr.shape), ptr)
+
+
 class FeatureExtractor:
     """An ONNX model of the registry, run by ONNX Runtime with a given thread count.
 
@@ -222,18 +264,35 @@ class FeatureExtractor:
                 _SESSIONS[key] = sess
         return sess
 
-    def run_vjp(self, patches: np.ndarray, cotangents) -> np.ndarray:
-        """The VJP graph: d(sum_k <centre_k(patches), cotangent_k>)/d patches, (B, C_in, *patch)."""
+    def run_bound(self, feeds, buffers: "OutputBuffers") -> list:
+        """Run with ONNX Runtime I/O binding: inputs bound where they lie, outputs written into
+        ``buffers`` (grow-only, owned by the caller, so no output is allocated per call).
+
+        ``feeds``: the graph's inputs in order, float32 C-contiguous, host NumPy arrays or GPU
+        arrays (``__cuda_array_interface__``, bound as 'cuda' memory without a copy). The output
+        shapes follow from the batch: (B, C_k) per layer for the patch graph, the patches' shape
+        for the VJP graph. Returns views of ``buffers`` (valid until the next call with them).
+        """
         sess = self.session
-        inputs = sess.get_inputs()
-        feed = {inputs[0].name: np.ascontiguousarray(patches, dtype=np.float32)}
-        for inp, cot in zip(inputs[1:], cotangents):
-            feed[inp.name] = np.ascontiguousarray(cot, dtype=np.float32)
+        b = int(feeds[0].shape[0])
+        io = sess.io_binding()
+        for inp, arr in zip(sess.get_inputs(), feeds):
+            _bind(io, "input", inp.name, arr)
+        outs = []
+        for k, out in enumerate(sess.get_outputs()):
+            shape = ((b, self._output_channels(k)) if self.graph == "patch" else tuple(feeds[0].shape))
+            buf = buffers.get(k, shape, like=feeds[0])
+            _bind(io, "output", out.name, buf)
+            outs.append(buf)
         try:
-            return sess.run(None, feed)[0]
+            sess.run_with_iobinding(io)
         except Exception as exc:
-            raise RegistrationError(f"the VJP graph of model '{self.spec.name}' failed on patches of shape "
-                                    f"{list(patches.shape)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            raise RegistrationError(f"the {self.graph} graph of model '{self.spec.name}' failed on a batch of shape "
+                                    f"{list(feeds[0].shape)} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        return outs
+
+    def _output_channels(self, k: int) -> int:
+        return self.spec.layers[self.spec.patch_layers[k]].channels
 
     def run(self, batch: np.ndarray, outputs) -> list:
         """Run on ``batch`` (B, C_in, *spatial) float32; return the requested outputs (None: all),

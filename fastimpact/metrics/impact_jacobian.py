@@ -14,7 +14,7 @@ The centre chain scatters one gradient per sample; the exact chain scatters V pe
 
 2-D models (paper Sec. III-A-5, as for SAM): each sample's patch is a P x P plane (V = P^2) of
 spacing ``voxel_size`` (default: the fixed level image's mean spacing) with a random orientation
-R_n (three uniform Euler angles per sample, drawn from the term's generator at every evaluation);
+R_n (uniform on SO(3), drawn per sample from the term's generator at every evaluation);
 the fixed and the moving patch of a sample use the same plane, o_nv = R_n (a_v, b_v, 0).
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["JacobianImpact", "build_jacobian_impact", "patch_offsets", "plane_offsets", "euler_rotations"]
+__all__ = ["JacobianImpact", "build_jacobian_impact", "patch_offsets", "plane_offsets", "random_rotations"]
 
 
 def patch_offsets(fixed_img, patch: int, voxel: float | None) -> np.ndarray:
@@ -49,26 +49,28 @@ def plane_offsets(patch: int, spacing: float) -> np.ndarray:
     return np.ascontiguousarray(np.stack(np.meshgrid(r, r, [0.0], indexing="ij"), axis=-1).reshape(-1, 3))
 
 
-def euler_rotations(angles: np.ndarray) -> np.ndarray:
-    """(N, 3, 3) rotation matrices R = Rz(a2) Ry(a1) Rx(a0) from (N, 3) Euler angles (radians)."""
-    a = np.asarray(angles, dtype=np.float64)
-    c, s = np.cos(a), np.sin(a)
-    n = len(a)
-    rx, ry, rz = (np.zeros((n, 3, 3)) for _ in range(3))
-    rx[:, 0, 0] = 1.0
-    rx[:, 1, 1], rx[:, 1, 2], rx[:, 2, 1], rx[:, 2, 2] = c[:, 0], -s[:, 0], s[:, 0], c[:, 0]
-    ry[:, 1, 1] = 1.0
-    ry[:, 0, 0], ry[:, 0, 2], ry[:, 2, 0], ry[:, 2, 2] = c[:, 1], s[:, 1], -s[:, 1], c[:, 1]
-    rz[:, 2, 2] = 1.0
-    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1] = c[:, 2], -s[:, 2], s[:, 2], c[:, 2]
-    return rz @ ry @ rx
+def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 3, 3) rotation matrices drawn uniformly on SO(3) (Haar measure).
+
+    A unit quaternion from four independent normal deviates is uniform on the 3-sphere, and the
+    rotation it defines is uniform on SO(3), so each plane normal ``R e_z`` is uniform on the
+    sphere (independent Euler angles are not: they crowd the normals towards the poles).
+    """
+    q = rng.standard_normal((n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], axis=1)
 
 
 class _ModelTerm:
     """One (fixed model, moving model) pair of a level: its patch geometry, sessions and layers."""
 
     def __init__(self, use, fspec, mspec, offsets, patch, fnorm, mnorm, threads, providers):
-        from ..features.maps import FeatureExtractor
+        from ..features.maps import FeatureExtractor, OutputBuffers
 
         self.use = use
         self.fspec, self.mspec = fspec, mspec
@@ -80,6 +82,8 @@ class _ModelTerm:
         self.f_patch = FeatureExtractor(fspec, threads, providers, graph="patch")
         self.m_patch = FeatureExtractor(mspec, threads, providers, graph="patch")
         self.m_vjp = FeatureExtractor(mspec, threads, providers, graph="vjp")
+        # preallocated outputs of the three graphs (I/O binding; they grow to the largest batch)
+        self.f_out, self.m_out, self.g_out = OutputBuffers(), OutputBuffers(), OutputBuffers()
         # position of each compared layer among the model's patch layers
         self.slots = []
         for lu in use.layers:
@@ -149,7 +153,7 @@ class JacobianImpact:
         if t.dimension == 3:
             return t.offsets
         if not (self.freeze_rotations and t.last_offsets is not None and len(t.last_offsets) == k):
-            rot = euler_rotations(self.rng.uniform(0.0, 2.0 * np.pi, size=(k, 3)))
+            rot = random_rotations(self.rng, k)
             t.last_offsets = np.ascontiguousarray(np.einsum("kij,vj->kvi", rot, t.offsets))
         return t.last_offsets
 
@@ -190,8 +194,8 @@ class JacobianImpact:
             mv, mg = self.k_warped(self.moving_coef, x, off, affine, bs_coef, w2grid, self.moving_inv)
             fin = t.batch(fv, t.fnorm, t.fspec)
             min_ = t.batch(mv, t.mnorm, t.mspec)
-            ffeat = t.f_patch.run(fin, None)
-            mfeat = t.m_patch.run(min_, None)
+            ffeat = t.f_patch.run_bound([fin], t.f_out)
+            mfeat = t.m_patch.run_bound([min_], t.m_out)
             cots = [np.zeros_like(m) for m in mfeat]
             for i, (lu, slot) in enumerate(zip(t.use.layers, t.slots)):
                 f, m = ffeat[slot], mfeat[slot]
@@ -212,7 +216,7 @@ class JacobianImpact:
                         cots[slot][:, cols] += w * dm
             if not gradient:
                 continue
-            grad = t.m_vjp.run_vjp(min_, cots)  # (K, C_in, P, ..., P): dD / d(model input)
+            grad = t.m_vjp.run_bound([min_, *cots], t.g_out)[0]  # (K, C_in, P, ..., P): dD / d(model input)
             dval = t.mnorm.input_gradient(grad, mv)  # (K, V): dD / d(moving intensity)
             if self.chain == "centre":
                 gy_centre += np.einsum("kv,kvd->kd", dval, mg)
