@@ -2,7 +2,9 @@
 
 Each iteration draws ``n`` voxels uniformly, with replacement, from the voxels of the fixed
 image inside the fixed mask (all voxels without a mask). Draws come from a counter-based
-Philox generator keyed by (seed, stage, level), so a rerun with one seed draws the same points.
+generator (``kernels/_counter_rng.py``) keyed by (seed, stage, level): draw ``i`` of call ``c``
+is a pure function of (key, c, i), so a rerun with one seed draws the same points, and so does
+the CUDA backend (one thread per draw, no generator state to carry).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from .errors import RegistrationError
 
 
 class RandomSampler:
-    def __init__(self, shape, mask: np.ndarray | None, n_samples: int, seed: int, stream: tuple = ()):
+    def __init__(self, shape, mask: np.ndarray | None, n_samples: int, seed: int, stream: tuple = (),
+                 backend: str = "cpu"):
         self.shape = tuple(shape)
         if mask is not None:
             flat = np.flatnonzero(np.asarray(mask).ravel())
@@ -27,14 +30,18 @@ class RandomSampler:
             self.candidates = None
         self.n_total = int(np.prod(self.shape)) if mask is None else int(self.candidates.size)
         self.n_samples = int(n_samples)
-        key = np.random.SeedSequence([int(seed), *[int(s) for s in stream]]).generate_state(2, np.uint64)
-        self.rng = np.random.Generator(np.random.Philox(key=key))
+        from .kernels import get_kernel
+
+        self.key = int(np.random.SeedSequence([int(seed), *[int(s) for s in stream]]).generate_state(1, np.uint64)[0])
+        self.counter = 0  # calls so far: the generator's only state
+        self._draw = get_kernel("random_indices", backend)
 
     def draw_flat(self, n: int | None = None) -> np.ndarray:
         """``n`` flat voxel indices, sorted: the metric does not depend on the order, and sorted
         points read the images in memory order (about twice as fast on a 1 mm brain)."""
         n = self.n_samples if n is None else n
-        pick = self.rng.integers(0, self.n_total, size=n)
+        pick = self._draw(self.key, self.counter, n, self.n_total)
+        self.counter += 1
         pick.sort()  # candidates are increasing, so this sorts the voxel indices too
         return pick if self.candidates is None else self.candidates[pick]
 

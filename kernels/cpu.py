@@ -24,6 +24,7 @@ from numba import prange
 from fastimpact.errors import ConfigError
 
 from . import _bspline1d as _b1
+from . import _counter_rng as _rng
 from . import reference as _ref
 
 __all__ = list(_ref.__all__)
@@ -1230,6 +1231,23 @@ def gather_patches(data, centres, offsets):
     offsets = np.ascontiguousarray(np.asarray(offsets, dtype=np.int64).reshape(-1, 3))
     out = np.empty((len(centres), len(offsets)), dtype=np.float32)
     _pick(_k_gather_patches, len(centres) * len(offsets) // 8)(data, centres, offsets, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- random sampling
+_draw_index = _jit(_rng.draw_index)
+
+
+@_pjit
+def _k_random_indices(key, counter, n_total, out):
+    for i in prange(out.shape[0]):
+        out[i] = np.int64(_draw_index(key, counter, np.uint64(i), n_total))
+
+
+def random_indices(key, counter, n, n_total):
+    key, counter, n, n_total = _ref._random_args(key, counter, n, n_total)
+    out = np.empty(n, dtype=np.int64)
+    _pick(_k_random_indices, n)(key, counter, np.uint64(n_total), out)
     return out
 
 

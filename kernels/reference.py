@@ -48,6 +48,7 @@ __all__ = [
     "gather_patches",
     "sample_patches",
     "sample_patches_warped",
+    "random_indices",
 ]
 
 _CHUNK = 32768  # points per gather block: bounds the (chunk, 4, 4, 4) temporaries
@@ -684,3 +685,30 @@ def gather_patches(data, centres, offsets):
     for d in range(3):
         flat = flat * data.shape[d] + _mirror_index(centres[:, d, None] + offsets[None, :, d], data.shape[d])
     return np.asarray(data, dtype=np.float32).ravel()[flat]
+
+
+# ----------------------------------------------------------------------------- random sampling
+def _random_args(key, counter, n, n_total):
+    n, n_total = int(n), int(n_total)
+    if n < 0:
+        raise ConfigError(f"number of draws must be >= 0, got {n}")
+    if not 1 <= n_total <= 2**32 - 1:
+        raise ConfigError(f"random_indices draws from 1 .. 2^32 - 1 candidates, got {n_total}; "
+                          "register a smaller image or use a fixed mask")
+    return np.uint64(int(key) % 2**64), np.uint64(int(counter) % 2**32), n, n_total
+
+
+def random_indices(key, counter, n, n_total):
+    """``n`` uniform indices in [0, n_total) (int64), draw ``i`` a pure function of (key, counter, i).
+
+    The counter-based generator of ``_counter_rng`` (SplitMix64 output function of a Weyl
+    sequence), written out here with NumPy uint64 arrays (which wrap modulo 2^64): call
+    ``counter`` of a sampler with ``key`` gives the same indices on every backend.
+    """
+    key, counter, n, n_total = _random_args(key, counter, n, n_total)
+    i = np.arange(n, dtype=np.uint64)
+    z = key + np.uint64(0x9E3779B97F4A7C15) * ((counter << np.uint64(32)) + i + np.uint64(1))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(32)) * np.uint64(n_total) >> np.uint64(32)).astype(np.int64)
