@@ -87,9 +87,10 @@ def main(argv=None) -> int:
             t_mov, (mv, mg) = timed(lambda: term.k_warped(term.moving_coef, x, t.offsets, a, tr.coef, w2g,
                                                           term.moving_inv), args.repeat)
             fin = t.batch(fv, t.fnorm, t.fspec)
-            t_fwd, feats = timed(lambda: (t.f_patch.run(fin, None), t.m_patch.run(fin, None)), args.repeat)
+            t_fwd, feats = timed(lambda: (t.f_patch.run_bound([fin], t.f_out), t.m_patch.run_bound([fin], t.m_out)),
+                                 args.repeat)
             cots = [np.ones_like(f) for f in feats[0]]
-            t_vjp, _ = timed(lambda: t.m_vjp.run_vjp(fin, cots), args.repeat)
+            t_vjp, _ = timed(lambda: t.m_vjp.run_bound([fin, *cots], t.g_out), args.repeat)
             rest = total - t_fix - t_mov - t_fwd - t_vjp
             rows.append([name, f"{t.patch}^3", str(n), f"{total:.1f}", f"{t_fix:.1f}", f"{t_mov:.1f}", f"{t_fwd:.1f}",
                          f"{t_vjp:.1f}", f"{rest:.1f}"])

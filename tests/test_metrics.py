@@ -305,7 +305,7 @@ def test_unknown_metric_name_lists_the_valid_ones():
     ("mi", {"fixed_kernel_order": True}, "fixed_kernel_order"),
     ("mi", {"limit_range_ratio": -0.1}, "limit_range_ratio"),
     ("mi", {"limit_range_ratio": float("nan")}, "limit_range_ratio"),
-    ("mi", {"implementation": "cuda"}, "implementation"),
+    ("mi", {"implementation": "opencl"}, "implementation"),
     ("mi", {"nbins": 32}, "'nbins'"),
     ("mse", {"bins": 32}, "takes no options"),
     ("ncc", {"subtract_mean": True}, "'subtract_mean'"),

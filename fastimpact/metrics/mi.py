@@ -13,7 +13,7 @@ FIXED_KERNEL_ORDERS = (0, 1, 3)
 MOVING_KERNEL_ORDER = 3
 MIN_BINS = 4
 MAX_BINS = 1024
-IMPLEMENTATIONS = ("numba", "numpy")
+IMPLEMENTATIONS = ("numba", "numpy", "cuda")
 #: Fraction of one (unpadded) bin width added to each end of an intensity range so that the
 #: extreme intensities fall strictly inside the histogram (elastix uses the same 0.001).
 SMALL_NUMBER_RATIO = 1e-3
@@ -123,8 +123,9 @@ class MattesMutualInformation(BaseIntensityMetric):
         value. The moving window is always the cubic B-spline (its derivative is needed).
     limit_range_ratio : float, default 0.01
         Widening of each intensity range, as a fraction of its width (0 to 1).
-    implementation : {"numba", "numpy"}, default "numba"
-        The Numba kernel (:mod:`fastimpact.kernels.mi_cpu`) or the NumPy reference.
+    implementation : {"numba", "numpy", "cuda"}, default "numba"
+        The Numba kernel (:mod:`fastimpact.kernels.mi_cpu`), the NumPy reference, or the CUDA
+        kernel (:mod:`fastimpact.kernels.mi_cuda`, the registration's choice on ``--device cuda``).
 
     The sample vectors are processed in float64 (float32 accepted). Cost with N = 2000
     samples and 32 x 32 bins: a few tens of microseconds (Numba, serial).
@@ -215,6 +216,10 @@ class MattesMutualInformation(BaseIntensityMetric):
             from fastimpact.kernels import mi_cpu
 
             return mi_cpu.mattes_mi(f, m, derivative=derivative, **kwargs)
+        if self.implementation == "cuda":
+            from fastimpact.kernels import mi_cuda
+
+            return mi_cuda.mattes_mi(f, m, derivative=derivative, **kwargs)
         from fastimpact.kernels import mi_reference
 
         return mi_reference.mattes_mi_reference(f, m, derivative=derivative, **kwargs)
