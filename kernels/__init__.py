@@ -6,7 +6,9 @@
 
 Every backend implements every operation with the same signature and results; the NumPy
 reference (``fastimpact.kernels.reference``) documents shapes, dtypes and coordinate conventions.
-Backends are imported on first lookup, so ``import fastimpact.kernels`` does not import numba.
+Backends are imported on first lookup, so ``import fastimpact.kernels`` does not import numba
+(and only the ``cuda`` backend imports ``numba.cuda``; without a GPU it needs
+``NUMBA_ENABLE_CUDASIM=1``, the simulator the tests use).
 
 Operations (image ops take voxel indices, transform ops control-grid indices):
 
@@ -35,6 +37,8 @@ sample_patches           (coef, centres, offsets, w2i, fill) -> values (N, V) fl
 sample_patches_warped    (coef, centres, offsets, affine, bs_coef, w2grid, w2i) -> values
                          (N, V), d value / d world point (N, V, 3); through the transform;
                          offsets as for sample_patches
+random_indices           (key, counter, n, n_total) -> (n,) int64 uniform in [0, n_total): the
+                         counter-based sample draws (same numbers on every backend)
 =======================  ==================================================================
 """
 
@@ -50,7 +54,7 @@ from .reference import __all__ as _reference_ops  # noqa: E402  (numpy only; num
 OPERATIONS = tuple(_reference_ops)
 
 # backend name -> module inside this package (None: reserved, not implemented yet)
-_BACKEND_MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": None}
+_BACKEND_MODULES = {"numpy": "reference", "cpu": "cpu", "cuda": "cuda"}
 BACKENDS = tuple(_BACKEND_MODULES)
 
 
