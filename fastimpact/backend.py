@@ -11,34 +11,66 @@ import os
 from .errors import BackendError, ConfigError
 
 
+def simulator_requested() -> bool:
+    """True when Numba's CUDA simulator is switched on (``NUMBA_ENABLE_CUDASIM=1``): the CUDA
+    kernels then run, very slowly, on the CPU. Used by the tests of machines without a GPU."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
 def cuda_available() -> tuple[bool, str]:
-    """(available, reason) without importing CuPy unless a GPU driver is visible."""
+    """(available, reason): an NVIDIA driver and a GPU that Numba's CUDA target can use.
+
+    Imports ``numba.cuda`` only when a driver is visible, so the CPU path never loads it.
+    """
+    if simulator_requested():
+        return False, "NUMBA_ENABLE_CUDASIM=1 replaces the GPU by Numba's simulator"
     if not (os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES")):
         return False, "no NVIDIA GPU driver found on this machine"
     try:
-        import cupy  # noqa: F401
+        from numba import cuda
 
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n < 1:
-            return False, "CUDA reports no GPU device"
+        if not cuda.is_available():
+            return False, "Numba finds no usable CUDA GPU (driver or toolkit missing)"
     except Exception as exc:  # pragma: no cover - depends on the machine
-        return False, f"CuPy is not usable ({type(exc).__name__}): install the 'gpu' extra"
+        return False, f"numba.cuda is not usable ({type(exc).__name__}): install the 'gpu' extra"
     return True, ""
 
 
+def onnx_providers(backend: str) -> tuple[tuple[str, ...], str]:
+    """ONNX Runtime execution providers for a backend, and a note when CUDA's is missing."""
+    if backend != "cuda" or simulator_requested():
+        return ("CPUExecutionProvider",), ""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # cuDNN / cuBLAS from the NVIDIA Python packages
+        except Exception:  # pragma: no cover - depends on the machine
+            pass
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ("CUDAExecutionProvider", "CPUExecutionProvider"), ""
+    return ("CPUExecutionProvider",), ("ONNX Runtime has no CUDA provider (install onnxruntime-gpu): the feature "
+                                       "networks run on the CPU")
+
+
 def resolve_device(device: str) -> tuple[str, str]:
-    """Return (backend, note). The CUDA kernels are not part of this release yet."""
+    """Return (backend, note) for ``device`` in cpu | cuda | auto.
+
+    ``cuda`` needs a usable GPU (or the simulator, switched on explicitly); ``auto`` takes the GPU
+    when there is one, else the CPU, and says why in the note.
+    """
     if device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"device={device!r} is invalid: choose cpu, cuda or auto")
     if device == "cpu":
         return "cpu", ""
     ok, why = cuda_available()
+    if ok:
+        return "cuda", ""
     if device == "cuda":
-        if not ok:
-            raise BackendError(f"--device cuda was requested but {why}: use --device cpu (or auto)")
-        raise BackendError("--device cuda: the CUDA backend is not available in this version yet; use --device cpu")
-    note = "device auto: " + (why if not ok else "CUDA backend not available in this version") + "; running on the CPU"
-    return "cpu", note
+        if simulator_requested():
+            return "cuda", "device cuda: running the CUDA kernels in Numba's simulator (NUMBA_ENABLE_CUDASIM=1), very slowly"
+        raise BackendError(f"--device cuda was requested but {why}: use --device cpu (or auto)")
+    return "cpu", f"device auto: {why}; running on the CPU"
 
 
 def set_threads(threads: int | None) -> None:

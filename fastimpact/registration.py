@@ -472,6 +472,12 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
 
     cfg = (config or RegistrationConfig()).with_options(**options) if options else (config or RegistrationConfig())
     backend, device_note = resolve_device(cfg.device)
+    providers = None
+    if cfg.uses_impact():
+        from .backend import onnx_providers
+
+        providers, provider_note = onnx_providers(backend)
+        device_note = "; ".join(n for n in (device_note, provider_note) if n)
     set_threads(cfg.threads)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -571,7 +577,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                 impact_levels[i] = build_jacobian_impact(
                     impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), moving_coef=lv.moving_coef, chain=cfg.jacobian_chain,
-                    threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend)
+                    threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend, providers=providers)
                 timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t_feat
             else:
                 from .metrics.impact import build_static_impact
@@ -580,7 +586,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                     impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
                     tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
-                    backend=backend, timings=timings)
+                    backend=backend, providers=providers, timings=timings)
         impact_levels[i].reset_normalisation()  # each stage's loss normalisation starts afresh
         return impact_levels[i]
 
@@ -623,7 +629,8 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
             lv = level_data(li)
             metrics = []
             for w, name in intensity_terms:
-                metric = make_metric(name, **({"bins": cfg.bins} if name == "mi" else {}))
+                options = {"bins": cfg.bins, "implementation": "cuda" if backend == "cuda" else "numba"}
+                metric = make_metric(name, **(options if name == "mi" else {}))
                 metric.prepare(lv.fixed.data, lv.moving.data, lv.fixed_mask, lv.moving_mask)
                 metrics.append((w, metric))
             impact = (impact_weight, impact_term(li)) if impact_weight is not None else None
@@ -633,7 +640,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
             if impact is not None and getattr(impact[1], "jacobian", False) and sample_mask is not None:
                 sample_mask = _patch_inside_mask(sample_mask, lv.fixed.affine, impact[1].max_offsets())
             sampler = RandomSampler(lv.fixed.shape, sample_mask, samples[li], cfg.seed,
-                                    stream=(stages.index(stage), li))
+                                    stream=(stages.index(stage), li), backend=backend)
             cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li], radius, li,
                                 impact=impact)
             info = _optimise(cost, n_it, lv, cfg, callback, stage, li, max_step)
