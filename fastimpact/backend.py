@@ -80,3 +80,26 @@ def set_threads(threads: int | None) -> None:
     import numba
 
     numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+
+
+def to_device(array, backend: str):
+    """``array`` as a GPU array for the ``cuda`` backend (uploaded once, C-contiguous, its dtype
+    kept); unchanged for the CPU backends. The CUDA kernels take such arrays without copying and
+    return their results on the GPU, so a level's images and feature maps cross the bus once."""
+    if backend != "cuda" or array is None:
+        return array
+    import numpy as np
+    from numba import cuda
+
+    if hasattr(array, "copy_to_host"):
+        return array
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def to_host(array):
+    """A NumPy array from a GPU array (Numba device array or CuPy), or ``array`` itself."""
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    if hasattr(array, "__cuda_array_interface__") and hasattr(array, "get"):
+        return array.get()
+    return array

@@ -240,6 +240,19 @@ class LevelData:
         self.moving_mask = None if moving_mask is None else np.ascontiguousarray(moving_mask, dtype=np.uint8)
         self.moving_coef = prefilter(moving.data) if moving_coef is None else moving_coef
         self.moving_inv = np.linalg.inv(moving.affine)
+        self._device = None
+
+    def on_device(self, backend: str):
+        """(fixed values, moving coefficients, moving mask) for the kernels of ``backend``: for
+        ``cuda`` uploaded once per level and kept on the GPU for every iteration of both stages."""
+        if backend != "cuda":
+            return self.fixed_values, self.moving_coef, self.moving_mask
+        if self._device is None:
+            from .backend import to_device
+
+            self._device = tuple(to_device(a, backend) for a in (self.fixed_values, self.moving_coef,
+                                                                   self.moving_mask))
+        return self._device
 
 
 class CostFunction:
@@ -301,9 +314,15 @@ class CostFunction:
         minv = lv.moving_inv
         f2m = minv @ self.transform.affine.as_matrix() @ self.fixed_affine  # fixed voxel -> moving voxel
         bspline = self.stage == "bspline"
-        return self.k_pairs(flat, lv.fixed_values, lv.fixed.shape, f2m, lv.moving_coef, lv.moving_mask,
-                            self.transform.coef if bspline else None, self.idx_to_grid if bspline else None,
-                            minv[:3, :3])
+        fixed_values, moving_coef, moving_mask = lv.on_device(self.backend)
+        out = self.k_pairs(flat, fixed_values, lv.fixed.shape, f2m, moving_coef, moving_mask,
+                           self.transform.coef if bspline else None, self.idx_to_grid if bspline else None,
+                           minv[:3, :3])
+        if self.backend == "cuda":  # the kept samples come back (a few thousand rows)
+            from .backend import to_host
+
+            out = tuple(to_host(a) for a in out)
+        return out
 
     def evaluate(self, *, n_samples: int | None = None, gradient: bool = True):
         """Draw fresh samples; return (value, gradient w.r.t. the parameters or None)."""

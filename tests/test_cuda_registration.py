@@ -72,3 +72,26 @@ def test_cuda_needs_a_gpu_or_the_simulator(monkeypatch):
     assert backend == "cuda" and "simulator" in note
     # auto never picks the simulator
     assert resolve_device("auto")[0] == "cpu"
+
+
+def test_level_images_are_uploaded_once(small_exact_gradient, monkeypatch):
+    """The images of a level cross the bus once for both stages, not once per iteration."""
+    from numba import cuda
+
+    uploads = []
+    real = cuda.to_device
+
+    def counting(a, *args, **kwargs):
+        uploads.append(np.shape(a))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(cuda, "to_device", counting)
+    fixed, _ = _pair()
+    moving = (blob_volume(SHAPE, shift=(0.6, -0.4, 0.3), seed=0), AFF)
+    fastimpact.register(fixed, moving, device="cuda", metric="mse", levels=1, iterations=5, samples=60,
+                        grid_spacing=8.0, affine_iterations=5, seed=3)
+    n_vox = int(np.prod(SHAPE))
+    big = [s for s in uploads if int(np.prod(s)) >= n_vox]
+    # fixed values + moving coefficients once; the final displacement field and warp may upload
+    # the finest image again; 2 stages x (5 iterations + ASGD estimation) would be > 20
+    assert 2 <= len(big) <= 4, big

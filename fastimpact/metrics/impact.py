@@ -26,9 +26,15 @@ PCA_FIT_SAMPLES = 50_000
 
 
 def prefilter_channels(data: np.ndarray, backend: str = "cpu", inplace: bool = False) -> np.ndarray:
-    """Cubic B-spline coefficients of a channel-last map (X, Y, Z, C), float32, mirror boundary."""
+    """Cubic B-spline coefficients of a channel-last map (X, Y, Z, C), float32, mirror boundary.
+
+    On the ``cuda`` backend the map is uploaded once and filtered on the GPU, where the
+    coefficients stay for the level (a GPU array is returned)."""
+    from ..backend import to_device
     from ..kernels import get_kernel
 
+    if backend == "cuda":
+        data, inplace = to_device(np.asarray(data, dtype=np.float32), backend), True
     return get_kernel("prefilter_channels", backend)(data, inplace=inplace)
 
 
@@ -105,6 +111,7 @@ class StaticImpact:
     def value_and_gradient(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray, gradient: bool = True):
         """flat: (K,) fixed voxel indices of the level; x, y: (K, 3) world mm fixed points and their
         moving points. Returns (value, gy (K, 3) or None)."""
+        from ..backend import to_host
         from ..features.distances import layer_value_and_grad
 
         total = 0.0
@@ -115,12 +122,12 @@ class StaticImpact:
                 f = p.fixed_lookup[flat]
             else:
                 qf = x @ p.fixed_inv[:3, :3].T + p.fixed_inv[:3, 3]
-                f = self.k_values(p.fixed_coef, qf)
+                f = to_host(self.k_values(p.fixed_coef, qf))
             qm = y @ p.moving_inv[:3, :3].T + p.moving_inv[:3, 3]
             if gradient:
-                m, gm = self.k_channels(p.moving_coef, qm)
+                m, gm = (to_host(a) for a in self.k_channels(p.moving_coef, qm))
             else:
-                m, gm = self.k_values(p.moving_coef, qm), None
+                m, gm = to_host(self.k_values(p.moving_coef, qm)), None
             use = p.use
             if 0 < use.subset < p.channels:
                 sub = np.sort(self.rng.choice(p.channels, use.subset, replace=False))

@@ -135,8 +135,12 @@ class JacobianImpact:
             # 2-D planes are rotated per sample: always interpolated
             on_grid = self.fixed_data is not None and np.allclose(off, np.rint(off), atol=1e-6)
             t.grid_offsets = np.rint(off).astype(np.int64) if (t.dimension == 3 and on_grid) else None
-        self.fixed_coef, self.fixed_inv = fixed_coef, fixed_inv
-        self.moving_coef, self.moving_inv = moving_coef, moving_inv
+        from ..backend import to_device
+
+        # on the cuda backend the level's images live on the GPU for the whole level
+        self.fixed_coef, self.fixed_inv = to_device(fixed_coef, backend), fixed_inv
+        self.moving_coef, self.moving_inv = to_device(moving_coef, backend), moving_inv
+        self.fixed_data = to_device(self.fixed_data, backend)
         self.chain = chain
         self.rng = np.random.default_rng(seed)
         # True: 2-D models reuse the last planes while the sample count is unchanged (for gradient
@@ -161,11 +165,13 @@ class JacobianImpact:
         """(K, V) fixed patch intensities at x + o (``offsets``: (V, 3) or (K, V, 3); default the
         term's shared offsets)."""
         offsets = t.offsets if offsets is None else offsets
+        from ..backend import to_host
+
         if t.grid_offsets is None or offsets.ndim == 3:
-            return self.k_patches(self.fixed_coef, x, offsets, self.fixed_inv, 0.0)
+            return to_host(self.k_patches(self.fixed_coef, x, offsets, self.fixed_inv, 0.0))
         fi = self.fixed_inv
         idx = np.rint(x @ fi[:3, :3].T + fi[:3, 3]).astype(np.int64)
-        return self.k_gather(self.fixed_data, idx, t.grid_offsets)
+        return to_host(self.k_gather(self.fixed_data, idx, t.grid_offsets))
 
     def max_offsets(self) -> np.ndarray:
         """Offsets (M, 3) world mm bounding every patch of the level's models (for the mask erosion
@@ -182,6 +188,7 @@ class JacobianImpact:
         coefficients (or None) and world -> grid matrix. Returns (value, points (M, 3) world,
         d value / d moving point at those points (M, 3)) with M = K (centre chain) or K V (exact);
         points and gradient are None without ``gradient``."""
+        from ..backend import to_host
         from ..features.distances import layer_value_and_grad
 
         total = 0.0
@@ -191,7 +198,8 @@ class JacobianImpact:
         for t in self.terms:
             off = self._offsets(t, len(x))
             fv = self._fixed_patches(t, x, off)
-            mv, mg = self.k_warped(self.moving_coef, x, off, affine, bs_coef, w2grid, self.moving_inv)
+            mv, mg = (to_host(a) for a in self.k_warped(self.moving_coef, x, off, affine, bs_coef, w2grid,
+                                                         self.moving_inv))
             fin = t.batch(fv, t.fnorm, t.fspec)
             min_ = t.batch(mv, t.mnorm, t.mspec)
             ffeat = t.f_patch.run_bound([fin], t.f_out)
