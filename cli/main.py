@@ -142,6 +142,7 @@ def register(
     jacobian_chain: Annotated[Optional[str], typer.Option("--jacobian-chain", help="Jacobian mode: centre (dT/dtheta at the patch centre, the reference's approximation) | exact. [default: centre]", rich_help_panel="IMPACT")] = None,
     tile_size: Annotated[Optional[int], typer.Option("--tile-size", help="Tile edge (voxels) for tiled feature inference; 0 = automatic. [default: 0]", rich_help_panel="IMPACT")] = None,
     feature_memory: Annotated[Optional[float], typer.Option("--feature-memory", help="Memory budget of one feature inference, GB. [default: 4]", rich_help_panel="IMPACT")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Feature networks: fp32 | tf32 (TensorFloat-32 on the GPU) | fp16 (float16 graphs, for the GPU). [default: fp32]", rich_help_panel="IMPACT")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON settings file (command-line options override it). IMPACT options take per-level values separated by ';' (e.g. --distance 'l2;l2;l1').")] = None,
     elastix_params: Annotated[Optional[Path], typer.Option("--elastix-params", help="Import an elastix parameter file (including the reference's Impact* keys); --config and options override it.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")] = False,
@@ -164,13 +165,13 @@ def register(
             distance=_per_level(distance), layer_weights=_per_level(layer_weights), pca=_per_level(pca),
             subset=_per_level(subset), feature_norm=_per_level(feature_norm), voxel_size=_per_level(voxel_size),
             patch_size=_per_level(patch_size), jacobian_chain=jacobian_chain,
-            tile_size=tile_size, feature_memory=feature_memory,
+            tile_size=tile_size, feature_memory=feature_memory, precision=precision,
         ).items()
         if v is not None
     }
     impact_given = [k for k in ("mode", "model", "moving_model", "layers", "distance", "layer_weights", "pca", "subset",
                                 "feature_norm", "voxel_size", "patch_size", "jacobian_chain", "tile_size",
-                                "feature_memory") if k in options]
+                                "feature_memory", "precision") if k in options]
     if impact_given and "metric" in options and "impact" not in str(options["metric"]).lower():
         from fastimpact.errors import ConfigError
 

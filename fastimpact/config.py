@@ -29,6 +29,7 @@ IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "patch_size
                     "feature_norm")
 IMPACT_MODES = ("static", "jacobian")
 JACOBIAN_CHAINS = ("centre", "exact")
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class RegistrationConfig:
     tile_size: static mode: tile edge in voxels for tiled inference (0 = whole volume when it fits
         feature_memory, else tiles chosen automatically).
     feature_memory: static mode: memory budget of one inference, GB.
+    precision: arithmetic of the feature networks: fp32 (exact float32), tf32 (float32 storage,
+        TensorFloat-32 matrix products on the GPU; the same as fp32 on the CPU) or fp16 (graphs
+        converted to float16 with float32 inputs and outputs; meant for the GPU).
     """
 
     metric: str = "mse"
@@ -106,6 +110,7 @@ class RegistrationConfig:
     feature_norm: Any = "none"
     tile_size: int = 0
     feature_memory: float = 4.0
+    precision: str = "fp32"
 
     def __post_init__(self):
         for name in PER_LEVEL + IMPACT_PER_LEVEL:  # lists and tuples compare equal after a file round trip
@@ -114,6 +119,7 @@ class RegistrationConfig:
         self.metric_terms()  # validates the metric expression
         _choice("mode", self.mode, IMPACT_MODES)
         _choice("jacobian_chain", self.jacobian_chain, JACOBIAN_CHAINS)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("init", self.init, INIT_NAMES)
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         _choice("device", self.device, DEVICES)

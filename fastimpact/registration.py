@@ -596,7 +596,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                 impact_levels[i] = build_jacobian_impact(
                     impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), moving_coef=lv.moving_coef, chain=cfg.jacobian_chain,
-                    threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend, providers=providers)
+                    threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend, providers=providers, precision=cfg.precision)
                 timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t_feat
             else:
                 from .metrics.impact import build_static_impact
@@ -605,7 +605,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                     impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
                     tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
-                    backend=backend, providers=providers, timings=timings)
+                    backend=backend, providers=providers, precision=cfg.precision, timings=timings)
         impact_levels[i].reset_normalisation()  # each stage's loss normalisation starts afresh
         return impact_levels[i]
 

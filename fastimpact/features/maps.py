@@ -226,21 +226,41 @@ def _bind(io, kind: str, name: str, arr) -> None:
 class FeatureExtractor:
     """An ONNX model of the registry, run by ONNX Runtime with a given thread count.
 
-    Sessions are cached per (file, threads, providers): a registration builds each once.
+    Sessions are cached per (file, threads, providers, precision): a registration builds each
+    once, and a second registration in the same process reuses them. ``precision``: see
+    :mod:`fastimpact.features.precision`.
     """
 
-    def __init__(self, spec, threads: int | None = None, providers=("CPUExecutionProvider",), graph: str = "full"):
+    def __init__(self, spec, threads: int | None = None, providers=("CPUExecutionProvider",), graph: str = "full",
+                 precision: str = "fp32"):
         self.spec = spec
         self.graph = graph
         self.path = {"full": spec.path, "patch": getattr(spec, "patch_path", None),
                      "vjp": getattr(spec, "vjp_path", None)}[graph]
         self.threads = int(threads or os.cpu_count() or 1)
         self.providers = tuple(providers)
+        self.precision = precision
         self._output_names = None
+
+    def _session_providers(self) -> list:
+        from .precision import cuda_provider_options
+
+        return [(p, cuda_provider_options(self.precision)) if p == "CUDAExecutionProvider" else p
+                for p in self.providers]
+
+    def _model_source(self):
+        """The graph for ONNX Runtime: its file, or the bytes of its float16 conversion."""
+        if self.precision != "fp16":
+            return str(self.path)
+        import onnx
+
+        from .precision import to_float16
+
+        return to_float16(onnx.load(str(self.path))).SerializeToString()
 
     @property
     def session(self):
-        key = (str(self.path), self.threads, self.providers)
+        key = (str(self.path), self.threads, self.providers, self.precision)
         with _SESSIONS_LOCK:
             sess = _SESSIONS.get(key)
             if sess is None:
@@ -250,7 +270,10 @@ class FeatureExtractor:
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
                 try:
-                    sess = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(self.providers))
+                    sess = ort.InferenceSession(self._model_source(), sess_options=opts,
+                                                providers=self._session_providers())
+                except ConfigError:
+                    raise
                 except Exception as exc:  # ORT has its own exception types
                     raise ConfigError(f"model file '{self.path}' cannot be loaded by ONNX Runtime "
                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); rebuild or "

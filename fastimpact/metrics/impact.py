@@ -158,7 +158,7 @@ def _mask_on_grid(mask_img, affine, shape) -> np.ndarray | None:
 
 
 def build_static_impact(settings, fixed_img, moving_img, fixed_norms, moving_norms, *, fixed_mask_img=None,
-                        threads=None, tile_size=0, memory_gb=4.0, seed=0, backend="cpu", providers=None,
+                        threads=None, tile_size=0, memory_gb=4.0, seed=0, backend="cpu", providers=None, precision="fp32",
                         timings: dict | None = None) -> StaticImpact:
     """The static IMPACT term of one level.
 
@@ -181,9 +181,9 @@ def build_static_impact(settings, fixed_img, moving_img, fixed_norms, moving_nor
         outputs = [lu.index for lu in mu.layers]
         voxel = mu.voxel_size
         kw = dict(voxel_size=voxel, tile_size=tile_size, memory_gb=memory_gb)
-        fmaps = compute_feature_maps(fixed_img, FeatureExtractor(fspec, threads, providers), outputs,
+        fmaps = compute_feature_maps(fixed_img, FeatureExtractor(fspec, threads, providers, precision=precision), outputs,
                                      fixed_norms(fspec), **kw)
-        mmaps = compute_feature_maps(moving_img, FeatureExtractor(mspec, threads, providers), outputs,
+        mmaps = compute_feature_maps(moving_img, FeatureExtractor(mspec, threads, providers, precision=precision), outputs,
                                      moving_norms(mspec), **kw)
         for lu, fm, mm in zip(mu.layers, fmaps, mmaps):
             if lu.pca:

@@ -69,7 +69,7 @@ def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
 class _ModelTerm:
     """One (fixed model, moving model) pair of a level: its patch geometry, sessions and layers."""
 
-    def __init__(self, use, fspec, mspec, offsets, patch, fnorm, mnorm, threads, providers):
+    def __init__(self, use, fspec, mspec, offsets, patch, fnorm, mnorm, threads, providers, precision="fp32"):
         from ..features.maps import FeatureExtractor, OutputBuffers
 
         self.use = use
@@ -79,9 +79,9 @@ class _ModelTerm:
         self.offsets = offsets
         self.patch = patch
         self.fnorm, self.mnorm = fnorm, mnorm
-        self.f_patch = FeatureExtractor(fspec, threads, providers, graph="patch")
-        self.m_patch = FeatureExtractor(mspec, threads, providers, graph="patch")
-        self.m_vjp = FeatureExtractor(mspec, threads, providers, graph="vjp")
+        self.f_patch = FeatureExtractor(fspec, threads, providers, graph="patch", precision=precision)
+        self.m_patch = FeatureExtractor(mspec, threads, providers, graph="patch", precision=precision)
+        self.m_vjp = FeatureExtractor(mspec, threads, providers, graph="vjp", precision=precision)
         # preallocated outputs of the three graphs (I/O binding; they grow to the largest batch)
         self.f_out, self.m_out, self.g_out = OutputBuffers(), OutputBuffers(), OutputBuffers()
         # position of each compared layer among the model's patch layers
@@ -240,7 +240,8 @@ class JacobianImpact:
 
 
 def build_jacobian_impact(settings, fixed_img, moving_img, fixed_norms, moving_norms, *, moving_coef=None,
-                          chain="centre", threads=None, seed=0, backend="cpu", providers=None) -> JacobianImpact:
+                          chain="centre", threads=None, seed=0, backend="cpu", providers=None,
+                          precision="fp32") -> JacobianImpact:
     """The Jacobian-mode IMPACT term of one level (images: the level's pyramid images)."""
     from ..onnx_models import load_model_spec
     from ..registration import prefilter
@@ -266,7 +267,7 @@ def build_jacobian_impact(settings, fixed_img, moving_img, fixed_norms, moving_n
             spacing = mu.voxel_size if mu.voxel_size is not None else float(np.mean(fixed_img.spacing))
             offsets = plane_offsets(patch, spacing)
         terms.append(_ModelTerm(mu, fspec, mspec, offsets, patch, fixed_norms(fspec), moving_norms(mspec),
-                                threads, providers))
+                                threads, providers, precision))
     fixed_coef = prefilter(fixed_img.data)
     if moving_coef is None:
         moving_coef = prefilter(moving_img.data)
