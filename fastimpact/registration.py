@@ -769,6 +769,14 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
               max_step: float):
     from .optimizers import ASGD
 
+    if cost.backend == "cuda":
+        from .device_loop import eligible, optimise_on_device
+
+        if eligible(cost):
+            info = optimise_on_device(cost, iterations, lv, cfg, callback, stage, li, max_step)
+            if callback:
+                callback("level_end", {**info, "transform": cost.transform})
+            return info
     t0 = time.perf_counter()
     settings, params = _estimate_asgd(cost, iterations, max_step, cfg.seed + 7919 * li, cfg.asgd_estimation)
     opt = ASGD.from_settings(settings, params)

@@ -45,6 +45,26 @@ class RandomSampler:
         pick.sort()  # candidates are increasing, so this sorts the voxel indices too
         return pick if self.candidates is None else self.candidates[pick]
 
+    def draw_flat_device(self, n: int | None = None):
+        """The next draw as a GPU array of flat voxel indices (the CUDA backend's device loop).
+
+        The same voxels as :meth:`draw_flat` would return for this call (same key and counter),
+        left in draw order: sorting would cost a GPU sort for nothing, since the metrics only
+        sum over the samples.
+        """
+        from fastimpact.kernels import cuda_loop, cuda_sampling
+
+        n = self.n_samples if n is None else n
+        pick = cuda_sampling.random_indices(self.key, self.counter, n, self.n_total, to_host=False)
+        self.counter += 1
+        if self.candidates is None:
+            return pick
+        if getattr(self, "_candidates_device", None) is None:
+            from numba import cuda
+
+            self._candidates_device = cuda.to_device(np.ascontiguousarray(self.candidates, dtype=np.int64))
+        return cuda_loop.take(self._candidates_device, pick)
+
     def draw(self, n: int | None = None):
         """Return (flat indices (n,), voxel indices (n, 3) float64)."""
         flat = self.draw_flat(n)

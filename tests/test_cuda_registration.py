@@ -1,7 +1,8 @@
 """``--device cuda`` end to end: the same registration on the CPU and on the CUDA backend.
 
 Both backends draw the same samples (counter-based generator) and compute the same numbers up to
-the summation order of float64 atomics, so the fields agree to far below a voxel. Without a GPU
+the summation order (sorted vs draw order, float64 atomics), so the fields agree to far below a
+voxel. MSE and MI levels run the device-resident loop, IMPACT the hybrid one. Without a GPU
 the CUDA kernels run in Numba's simulator (one Python thread per CUDA thread), hence the tiny
 images, few samples and a reduced exact-gradient set for the ASGD step estimation.
 """
@@ -51,6 +52,9 @@ def test_cuda_and_cpu_give_the_same_field(metric, extra, small_exact_gradient):
     u_cpu, u_gpu = runs["cpu"].displacement, runs["cuda"].displacement
     assert np.abs(u_cpu).max() > 0.05  # the registration moved something
     np.testing.assert_allclose(u_gpu, u_cpu, atol=FIELD_TOL)
+    # classic metrics run the whole iteration on the GPU (fastimpact.device_loop); IMPACT the hybrid loop
+    loops = {st.get("loop", "host") for st in runs["cuda"].report["stages"]}
+    assert loops == ({"host"} if metric == "impact" else {"device"})
     # the same samples were used: the same metric trace
     for a, b in zip(runs["cpu"].report["stages"], runs["cuda"].report["stages"]):
         assert a["metric_end"] == pytest.approx(b["metric_end"], rel=1e-6, abs=1e-9)

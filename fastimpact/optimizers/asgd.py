@@ -904,22 +904,34 @@ class ASGD:
         """
         if g.shape != theta.shape:
             raise ValueError(f"gradient shape {g.shape} differs from parameter shape {theta.shape}")
-        p = self.params
-        lr = p.a / (p.A + self.time + 1.0) ** p.alpha
-        self.learning_rate = lr
+        lr = self.rate()
         if self._prev is None:
             self._prev = np.empty_like(g)
             has_prev = False
         else:
             has_prev = True
         inner = _fused_update(theta, g, self._prev, lr * scale, has_prev and self.adaptive)
+        self.advance(inner if has_prev else None)
+        return lr
+
+    def rate(self) -> float:
+        """The learning rate gamma(t_k) = a / (A + t_k + 1)^alpha of the coming step (also kept in
+        ``learning_rate``)."""
+        p = self.params
+        self.learning_rate = p.a / (p.A + self.time + 1.0) ** p.alpha
+        return self.learning_rate
+
+    def advance(self, inner: float | None) -> None:
+        """Move the time on after a step whose gradient had inner product ``inner`` with the
+        previous one (None for the first step of the level). For drivers that update the
+        parameters themselves (e.g. on the GPU) and only hand back that scalar."""
+        p = self.params
         if self.adaptive:
-            if has_prev:
+            if inner is not None:
                 self.time = max(0.0, self.time + sigmoid(-inner, p.f_max, p.f_min, p.omega))
         else:
             self.time += 0.5 * (p.f_max + p.f_min)
         self.iteration += 1
-        return lr
 
     def step(self, theta, g, out=None):
         """Return theta - gamma(t_k) g and advance the time with <g_k, g_{k-1}>.
