@@ -1,11 +1,13 @@
 """`fastimpact models build NETWORK --layers 0,1,2 --name NAME -o DIR`: convert a user's network.
 
 Writes ``NAME.onnx`` (full forward: the chosen layers), ``NAME_patch.onnx`` and ``NAME_vjp.onnx``
-(Jacobian mode: centre voxels of patches and their vector-Jacobian product) and the manifest
-``NAME.json``; every graph is checked against torch with ONNX Runtime before the manifest is
-written. Needs the ``models`` extra (torch, onnx, onnxscript); the files it writes need only ONNX
-Runtime. See ``fastimpact.onnx_models`` for the graph contract and ``fastimpact.onnx_models.build``
-for what the network may be (TorchScript, a Python file, an nnU-Net plans.json + checkpoint).
+(Jacobian mode: centre voxels of patches and their vector-Jacobian product; not with
+``--static-only``) and the manifest ``NAME.json``; every graph is checked against torch with ONNX
+Runtime before the manifest is written. A network whose patch graphs cannot be made is refused
+with the reason and the fix. Needs the ``models`` extra (torch, onnx, onnxscript); the files it
+writes need only ONNX Runtime. See ``fastimpact.onnx_models`` for the graph contract and
+``fastimpact.onnx_models.build`` for what the network may be (TorchScript, scripted or traced; a
+Python file; an nnU-Net plans.json + checkpoint).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ def _int_list(text: Optional[str], option: str) -> Optional[list]:
 
 
 def build(
-    network: Annotated[Path, typer.Argument(help="TorchScript file (.pt), Python file defining the network (.py), "
-                                                 "or architecture JSON (nnU-Net v2 plans.json).")],
+    network: Annotated[Path, typer.Argument(help="TorchScript file (.pt, scripted or traced), Python file defining "
+                                                 "the network (.py), or architecture JSON (nnU-Net v2 plans.json).")],
     layers: Annotated[str, typer.Option("--layers", help="Outputs to expose, comma-separated: output indices of the "
-                                                         "network (or of --submodule), or submodule names.")],
+                                                         "network (or of --submodule), or submodule names (their "
+                                                         "outputs; TorchScript too, e.g. the encoder stages of a "
+                                                         "segmentation network).")],
     name: Annotated[str, typer.Option("--name", help="Model name and file stem.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("."),
     weights: Annotated[Optional[Path], typer.Option("--weights", help="State dict / checkpoint (with a .py or "
@@ -72,11 +76,16 @@ def build(
     license: Annotated[str, typer.Option("--license", help="Licence of the weights.")] = "",
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Keep an architecture's initial weights "
                                                                           "(testing and timing only).")] = False,
+    static_only: Annotated[bool, typer.Option("--static-only", help="Write only the full graph (static mode); "
+                                                                    "no patch/VJP graphs for Jacobian mode.")] = False,
     time_it: Annotated[bool, typer.Option("--time", help="Also time the patch graphs (ONNX Runtime, 2 threads).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ):
-    """Convert a network into fastimpact model files (full, patch and VJP graphs + manifest)."""
+    """Convert a network into fastimpact model files (full, patch and VJP graphs + manifest).
+
+    TorchScript files (scripted or traced) are run operator by operator, so their patch graphs keep
+    the batch and patch size dynamic; a network that fixes its sizes is refused with the reason."""
     from fastimpact.errors import ConfigError
 
     try:
@@ -94,7 +103,7 @@ def build(
                        voxel_size_mm=voxel_size, patch_size=patch_size,
                        patch_layers=_int_list(patch_layers, "--patch-layers"), receptive_field=receptive_field,
                        probe_size=probe_size, description=description, license=license, force=force,
-                       random_weights=random_weights)
+                       random_weights=random_weights, static_only=static_only)
     timings = []
     if time_it and info.get("patch_file"):
         idx = info["patch_layers"]
@@ -110,7 +119,7 @@ def build(
     checks = ", ".join(f"{k} {v:.1e}" for k, v in info["checks"].items())
     typer.echo(f"layers {layers_text}; ONNX Runtime vs torch, max rel. error: {checks}")
     if info.get("patch_error"):
-        typer.echo(f"warning: no patch graphs (static mode only): {info['patch_error']}", err=True)
+        typer.echo(f"static mode only: no patch graphs ({info['patch_error']})")
     else:
         typer.echo(f"Jacobian mode: patch size {info['patch_size']}, patch layers {info['patch_layers']}")
     for b, f, v in timings:

@@ -11,10 +11,24 @@ How the graphs are made:
 * the *VJP* is ``grad = d(sum_k <centre_k(patches), cotangent_k>) / d patches`` (torch autograd,
   :func:`vjp_reference`).
 
-Both are traced with ``make_fx`` (symbolic shapes, ``core_aten_decompositions``; it also takes
-TorchScript modules, which ``torch.export`` does not), which writes the backward pass as aten
-operators, and the traced graph is exported by ``torch.onnx.export(dynamo=True, opset 18)``. Some
-backward operators have no ONNX translation in torch, or a slow one; they get ours
+Both are traced with ``make_fx`` (symbolic shapes, ``core_aten_decompositions``), which writes
+the backward pass as aten operators, and the traced graph is exported by
+``torch.onnx.export(dynamo=True, opset 18)``.
+
+TorchScript networks (``torch.jit.script`` or ``torch.jit.trace``; ``torch.export`` takes
+neither): make_fx does record the aten operators that the TorchScript interpreter executes, but
+the interpreter reads every size as a plain int (``aten::size`` of a traced
+``x.view(x.size(0), -1)``, the input checks of a scripted ``InstanceNorm3d``), which fixes batch
+and patch size in the traced graph. :func:`torchscript_network` therefore runs the graph's nodes
+from Python (aten operators through ``torch.ops``, sizes and their arithmetic as SymInts,
+``prim::If`` / ``prim::Loop`` evaluated), which keeps the shapes symbolic and also gives the
+outputs of named submodules (the encoder stages of a segmentation network, whose decoder is then
+skipped). What a trace itself recorded as a constant (``x.view(2, 16, -1)``, an interpolation to
+``int(n)`` voxels) stays constant: :func:`_geometry` runs the network at a second batch and size
+and refuses shapes that do not follow, and the checks compare one patch at a time with the
+ScriptModule itself.
+
+Some backward operators have no ONNX translation in torch, or a slow one; they get ours
 (:func:`_translations`):
 
   - ``convolution_backward`` (input gradient only): a strided convolution's transpose is written
@@ -29,9 +43,13 @@ backward operators have no ONNX translation in torch, or a slow one; they get ou
   - ``replication_pad{2,3}d_backward``: a ``ScatterElements(add)`` per axis;
   - ``slice_scatter`` (the backward of slicing): ``Slice`` + ``Concat`` instead of the
     exporter's ``ScatterND`` with transposes;
+  - ``mul.Scalar`` / ``div.Scalar`` with a symbolic float (the backward of a mean or variance
+    over a dynamic size), which the exporter's translation takes for a constant;
 
   shapes stay dynamic (batch and patch size); the kernel transforms are constant-folded into
-  initializers, and every graph is checked against torch with ONNX Runtime before it is kept.
+  initializers, and every graph is checked against torch with ONNX Runtime before it is kept
+  (:func:`check_graphs`: two patch sizes, three patches compared one by one with torch, and the
+  full graph's centre voxel on the same patches).
 
 Measured (ONNX Runtime 1.32 CPU, 2 threads, B = 2000 patches, one call, best of 5 on a shared
 machine): MIND-SSC r1d2 7^3 forward 0.9 ms, VJP 2.5 ms (MIND on the whole 7^3 patch, centre
@@ -59,7 +77,7 @@ OPSET = 18
 
 __all__ = [
     "centre_module", "export_patch_forward", "export_vjp", "export_full_forward", "vjp_reference",
-    "check_graphs", "export_patch_graphs", "time_graphs", "build_model", "load_user_network",
+    "check_graphs", "export_patch_graphs", "time_graphs", "build_model", "load_user_network", "torchscript_network",
 ]
 
 
@@ -232,8 +250,21 @@ def _translations():
         tail = op.Slice(self, stop, ints([np.iinfo(np.int64).max]), axes)
         return op.Concat(head, src, tail, axis=dim)
 
+    def scalar_operand(fn):
+        # the backward of a mean or variance over a dynamic size multiplies by a symbolic float,
+        # which the exporter's own translation (a constant) cannot take
+        def translate(self, other):
+            if isinstance(other, (bool, int, float)):
+                other = op.Constant(value=onnxscript.ir.tensor(other, dtype=self.dtype))
+            else:
+                other = op.CastLike(other, self)
+            return fn(self, other)
+        return translate
+
     aten = torch.ops.aten
     return {
+        aten.mul.Scalar: scalar_operand(op.Mul),
+        aten.div.Scalar: scalar_operand(op.Div),
         aten.slice_scatter.default: slice_scatter,
         aten.replication_pad2d_backward.default: replication_pad_backward(2),
         aten.replication_pad3d_backward.default: replication_pad_backward(3),
@@ -302,6 +333,350 @@ def vjp_reference(centre, patches, cotangents):
         total = sum((o * c).sum() for o, c in zip(outs, cotangents))
         (grad,) = torch.autograd.grad(total, x)
     return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript networks, run node by node in Python
+# ----------------------------------------------------------------------------------------------
+#
+# make_fx records the aten operators that a ScriptModule executes (the TorchScript interpreter
+# dispatches them like eager code), but the interpreter turns every size it reads (aten::size in
+# a traced `x.view(x.size(0), -1)`, the input checks of a scripted InstanceNorm) into a plain int,
+# which fixes the batch and patch size of the traced graph. Running the graph's nodes from Python
+# instead keeps sizes symbolic; it also lets a named submodule's output be taken (TorchScript has
+# no forward hooks) and the rest of the network skipped.
+
+_FLOAT_DTYPE_CODES = (5, 6, 7, 15)  # TorchScript ScalarType codes of half, float, double, bfloat16
+
+
+class _Unsupported(Exception):
+    """A TorchScript node kind that :class:`TorchScriptNetwork` does not run."""
+
+
+class _Stop(Exception):
+    """Raised when every requested submodule output has been taken: the rest of the network is skipped."""
+
+
+class _Scalar:
+    """A number that a traced graph holds as a 0-dim tensor (``prim::NumToTensor`` of a size):
+    kept as a Python number (a SymInt under make_fx) so that the sizes computed from it stay
+    symbolic; made a tensor only where a tensor operator takes it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _number(v):
+    return v.value if isinstance(v, _Scalar) else v
+
+
+def _as_tensor(v):
+    import torch
+
+    if isinstance(v, _Scalar):
+        is_float = isinstance(v.value, (float, torch.SymFloat))
+        return torch.scalar_tensor(v.value, dtype=torch.float64 if is_float else torch.int64)
+    if isinstance(v, (list, tuple)) and any(isinstance(e, _Scalar) for e in v):
+        return type(v)(_as_tensor(e) for e in v)
+    return v
+
+
+def _py_ops():
+    """Operators on numbers, lists and strings (and the size queries), in Python: SymInts stay
+    symbolic. Each takes the node's inputs in schema order."""
+    import operator
+
+    import torch
+
+    def div(a, b, mode=None):
+        if mode == "floor":
+            return a // b
+        if mode == "trunc":
+            q = a / b
+            return torch.sym_int(q) if isinstance(q, (float, torch.SymFloat)) else q
+        return a / b
+
+    def to(v, *args):  # the dtype is the first int argument (to.dtype, to.device, to.prim_dtype)
+        code = next((a for a in args if isinstance(a, int) and not isinstance(a, bool)), None)
+        if code is None:
+            return v
+        return torch.sym_float(v) if code in _FLOAT_DTYPE_CODES else torch.sym_int(v)
+
+    def pick(fn2, fn_list):
+        return lambda a, b=None: fn_list(a) if b is None else fn2(a, b)
+
+    def size(x, dim=None):
+        if isinstance(x, _Scalar):
+            return []
+        return list(x.shape) if dim is None else x.shape[dim]
+
+    def list_slice(x, start=None, end=None, step=1):
+        return x[start:end:step]
+
+    return {
+        # always in Python (never tensor operators)
+        "size": size, "sym_size": size, "dim": lambda x: 0 if isinstance(x, _Scalar) else x.dim(),
+        "len": lambda x: len(x) if isinstance(x, (list, tuple, str, dict)) else x.shape[0],
+        "__getitem__": lambda x, i: x[i], "append": lambda x, v: (x.append(v), x)[1],
+        "insert": lambda x, i, v: x.insert(i, v), "extend": lambda x, y: x.extend(y),
+        "_set_item": lambda d, k, v: d.__setitem__(k, v), "list": list, "str": str,
+        "format": lambda fmt, *args: fmt.format(*args), "warn": lambda *args: None,
+        "__range_length": lambda lo, hi, step: max(0, -((lo - hi) // step)),
+        "__derive_index": lambda i, start, step: start + i * step,
+        "__is__": operator.is_, "__isnot__": operator.is_not, "__not__": operator.not_,
+        "__contains__": lambda container, item: item in container,
+        "Int": lambda v: torch.sym_int(_number(v)) if not isinstance(v, torch.Tensor) else int(v),
+        "Float": lambda v: torch.sym_float(_number(v)) if not isinstance(v, torch.Tensor) else float(v),
+        "Bool": lambda v: bool(_number(v)), "ScalarImplicit": lambda v: _number(v),
+        "item": lambda v: _number(v) if not isinstance(v, torch.Tensor) else v.item(),
+        "keys": lambda d: list(d.keys()), "values": lambda d: list(d.values()),
+        # also tensor operators: in Python only when no argument is a tensor
+        "add": lambda a, b, alpha=1: a + b if alpha == 1 else a + alpha * b,
+        "sub": lambda a, b, alpha=1: a - b if alpha == 1 else a - alpha * b,
+        "rsub": lambda a, b, alpha=1: b - a if alpha == 1 else b - alpha * a,
+        "mul": operator.mul, "div": div, "true_divide": operator.truediv, "floordiv": operator.floordiv,
+        "floor_divide": operator.floordiv, "remainder": operator.mod, "pow": operator.pow,
+        "neg": operator.neg, "abs": abs, "floor": math.floor, "ceil": math.ceil,
+        "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+        "ge": operator.ge, "__and__": operator.and_, "__or__": operator.or_, "__xor__": operator.xor,
+        "min": pick(torch.sym_min, min), "max": pick(torch.sym_max, max), "slice": list_slice,
+        "to": to, "type_as": lambda a, b: a, "detach": lambda a: a, "clone": lambda a, *m: a,
+        "contiguous": lambda a, *m: a,
+    }
+
+
+_ALWAYS_PY = {"size", "sym_size", "dim", "len", "__getitem__", "append", "insert", "extend", "_set_item", "list",
+              "str", "format", "warn", "__range_length", "__derive_index", "__is__", "__isnot__", "__not__",
+              "__contains__", "Int", "Float", "Bool", "ScalarImplicit", "item", "keys", "values"}
+_NORM_OPS = {"instance_norm", "group_norm", "batch_norm"}  # dropped for the receptive-field probe
+
+
+class _Op:
+    """One operator node with a schema: how its inputs are passed and where its result goes."""
+
+    def __init__(self, node, py_ops):
+        import torch
+
+        schema = node.schema()
+        if schema == "(no schema)":
+            raise _Unsupported(node.kind())
+        parsed = torch._C.parse_schema(schema)
+        namespace, self.name = parsed.name.split("::")
+        self.py = py_ops.get(self.name)
+        self.always_py = self.name in _ALWAYS_PY
+        self.op = None
+        if not self.always_py:
+            try:
+                packet = getattr(getattr(torch.ops, namespace), self.name)
+                self.op = getattr(packet, parsed.overload_name or "default")
+            except (AttributeError, RuntimeError):
+                if self.py is None:
+                    raise _Unsupported(f"{parsed.name}.{parsed.overload_name}") from None
+        self.kwargs = [a.name if a.kwarg_only else None for a in parsed.arguments]
+        self.tensor_args = ["Tensor" in str(a.type) for a in parsed.arguments]
+        self.returns_tensor = len(parsed.returns) == 1 and str(parsed.returns[0].type) == "Tensor"
+
+    def __call__(self, values, drop_norms: bool):
+        import torch
+
+        if self.always_py:
+            return self.py(*values)
+        if drop_norms and self.name in _NORM_OPS and (self.name != "batch_norm" or values[5]):
+            return values[0]  # instance/group norm, or batch norm on the input's statistics
+        if self.py is not None and not any(isinstance(v, torch.Tensor) for v in values):
+            out = self.py(*[_number(v) for v in values])
+            return _Scalar(out) if self.returns_tensor else out
+        args, kwargs = [], {}
+        for v, key, is_tensor in zip(values, self.kwargs, self.tensor_args):
+            v = _as_tensor(v) if is_tensor else _number(v) if not isinstance(v, list) else [_number(e) for e in v]
+            if key is None:
+                args.append(v)
+            else:
+                kwargs[key] = v
+        return self.op(*args, **kwargs)
+
+
+class _Block:
+    """A TorchScript block compiled for :class:`TorchScriptNetwork`: input and output value ids
+    and one step per node."""
+
+    _STRUCTURAL = {"prim::Constant", "prim::GetAttr", "prim::CallMethod", "prim::ListConstruct",
+                   "prim::TupleConstruct", "prim::DictConstruct", "prim::ListUnpack", "prim::TupleUnpack",
+                   "prim::TupleIndex", "prim::If", "prim::Loop", "prim::RaiseException", "prim::Uninitialized",
+                   "prim::unchecked_cast", "prim::NumToTensor", "prim::dtype", "prim::device", "prim::is_cuda",
+                   "prim::Print", "prim::layout"}
+
+    def __init__(self, block, py_ops):
+        self.inputs = [v.unique() for v in block.inputs()]
+        self.outputs = [v.unique() for v in block.outputs()]
+        self.steps = []
+        for node in block.nodes():
+            kind = node.kind()
+            ins = [v.unique() for v in node.inputs()]
+            outs = [v.unique() for v in node.outputs()]
+            if kind == "prim::Constant":
+                try:
+                    extra = node.output().toIValue() if node.outputsSize() else None
+                except RuntimeError:  # e.g. a function constant of an inlined call: never read
+                    extra = None
+            elif kind in ("prim::GetAttr", "prim::CallMethod"):
+                extra = node.s("name")
+            elif kind in ("prim::If", "prim::Loop"):
+                extra = [_Block(b, py_ops) for b in node.blocks()]
+            elif kind in self._STRUCTURAL:
+                extra = None
+            else:
+                extra, kind = _Op(node, py_ops), "op"
+            self.steps.append((kind, ins, outs, extra))
+
+
+_DTYPE_CODES = {"uint8": 0, "int8": 1, "int16": 2, "int32": 3, "int64": 4, "float16": 5, "float32": 6,
+                "float64": 7, "complex64": 9, "complex128": 10, "bool": 11, "bfloat16": 15}
+
+
+def torchscript_network(script):
+    """``script`` (a ``torch.jit.ScriptModule``, scripted or traced) as an ``nn.Module`` that runs
+    the nodes of its graphs one by one from Python: every aten operator is called through
+    ``torch.ops`` (so make_fx records it with symbolic sizes), sizes and the arithmetic on them are
+    Python numbers (SymInts under make_fx), ``prim::If`` / ``prim::Loop`` are evaluated, and
+    ``prim::CallMethod`` recurses into the submodule, where :meth:`run` can take its output.
+
+    Attributes: ``unsupported`` (``None``, or the first node kind it cannot run: then, like with
+    ``direct = True``, ``forward`` calls the ScriptModule itself), ``drop_norms`` (instance and
+    group norms, and batch norms on the input's statistics, become the identity: receptive-field
+    probe only)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    py_ops = _py_ops()
+    codes = {getattr(torch, k): v for k, v in _DTYPE_CODES.items()}
+
+    class TorchScriptNetwork(nn.Module):
+        is_torchscript_network = True
+
+        def __init__(self, module):
+            super().__init__()
+            self.script = module
+            self.direct = False
+            self.drop_norms = False
+            self._blocks = {}
+            self.names = {id(m): n for n, m in module.named_modules()}
+            try:  # every node kind of the whole network, before any run
+                _Block(module.inlined_graph, py_ops)
+                self.unsupported = None
+            except _Unsupported as exc:
+                self.unsupported = str(exc)
+
+        def __deepcopy__(self, memo):
+            other = TorchScriptNetwork(copy.deepcopy(self.script, memo))
+            other.direct, other.drop_norms = self.direct, self.drop_norms
+            return other
+
+        def forward(self, *args):
+            if self.direct or self.unsupported:
+                return self.script(*args)
+            return self._call(self.script, "forward", list(args), None)
+
+        def run(self, x, names, stop: bool):
+            """``(outputs, {name: output of submodule name})``; with ``stop`` the network stops once
+            every submodule in ``names`` has returned (``outputs`` is then ``None``)."""
+            captured = {}
+            try:
+                out = self._call(self.script, "forward", [x], (set(names), captured, stop))
+            except _Stop:
+                out = None
+            return out, captured
+
+        def _block(self, obj, method: str):
+            key = (obj._c._type().qualified_name(), method)
+            if key not in self._blocks:
+                graph = obj._c._get_method(method).graph
+                if graph.findAllNodes("prim::CallFunction", True):
+                    graph = graph.copy()  # functions inline; called submodules are inlined with them
+                    torch._C._jit_pass_inline(graph)
+                self._blocks[key] = _Block(graph, py_ops)
+            return self._blocks[key]
+
+        def _call(self, obj, method: str, args, capture):
+            block = self._block(obj, method)
+            if len(block.inputs) != len(args) + 1:
+                raise TypeError(f"{method} of '{self.names.get(id(obj)) or obj.original_name}' takes "
+                                f"{len(block.inputs) - 1} inputs, not {len(args)}")
+            env = dict(zip(block.inputs, [obj, *args]))
+            (out,) = self._run(block, env, capture)
+            if capture is not None and (method == "forward" or method.startswith("forward") and method[7:].isdigit()):
+                # traced modules call a submodule's n-th use `forward<n>`: the last call wins, as with hooks
+                name = self.names.get(id(obj))
+                names, captured, stop = capture
+                if name in names:
+                    # a copy: the rest of the network may write into this tensor in place
+                    captured[name] = out.clone() if isinstance(out, torch.Tensor) else out
+                    if stop and len(captured) == len(names):
+                        raise _Stop
+            return out
+
+        def _run(self, block, env, capture):
+            for kind, ins, outs, extra in block.steps:
+                if kind == "op":
+                    res = extra([env[i] for i in ins], self.drop_norms)
+                    if len(outs) == 1:
+                        env[outs[0]] = res
+                    else:
+                        env.update(zip(outs, res))
+                elif kind == "prim::Constant":
+                    if outs:
+                        env[outs[0]] = extra
+                elif kind == "prim::GetAttr":
+                    env[outs[0]] = getattr(env[ins[0]], extra)
+                elif kind == "prim::CallMethod":
+                    env[outs[0]] = self._call(env[ins[0]], extra, [env[i] for i in ins[1:]], capture)
+                elif kind == "prim::ListConstruct":
+                    env[outs[0]] = [env[i] for i in ins]
+                elif kind == "prim::TupleConstruct":
+                    env[outs[0]] = tuple(env[i] for i in ins)
+                elif kind == "prim::DictConstruct":
+                    env[outs[0]] = {env[k]: env[v] for k, v in zip(ins[0::2], ins[1::2])}
+                elif kind in ("prim::ListUnpack", "prim::TupleUnpack"):
+                    env.update(zip(outs, env[ins[0]]))
+                elif kind == "prim::TupleIndex":
+                    env[outs[0]] = env[ins[0]][env[ins[1]]]
+                elif kind == "prim::If":
+                    branch = extra[0] if bool(env[ins[0]]) else extra[1]
+                    env.update(zip(outs, self._run(branch, env, capture)))
+                elif kind == "prim::Loop":
+                    body, trips, cond, carried = extra[0], env[ins[0]], env[ins[1]], [env[i] for i in ins[2:]]
+                    i = 0
+                    while bool(cond) and i < trips:
+                        env.update(zip(body.inputs, [i, *carried]))
+                        cond, *carried = self._run(body, env, capture)
+                        i += 1
+                    env.update(zip(outs, carried))
+                elif kind == "prim::RaiseException":
+                    raise RuntimeError(f"the TorchScript network raised: {env[ins[0]]}")
+                elif kind == "prim::Uninitialized":
+                    env[outs[0]] = None
+                elif kind == "prim::unchecked_cast":
+                    env[outs[0]] = env[ins[0]]
+                elif kind == "prim::NumToTensor":
+                    env[outs[0]] = _Scalar(env[ins[0]])
+                elif kind == "prim::dtype":
+                    v = env[ins[0]]
+                    is_float = isinstance(_number(v), (float, torch.SymFloat))
+                    env[outs[0]] = (7 if is_float else 4) if isinstance(v, _Scalar) else codes[v.dtype]
+                elif kind == "prim::device":
+                    env[outs[0]] = torch.device("cpu") if isinstance(env[ins[0]], _Scalar) else env[ins[0]].device
+                elif kind == "prim::is_cuda":
+                    env[outs[0]] = False
+                elif kind == "prim::layout":
+                    env[outs[0]] = 0  # strided
+                # prim::Print: nothing
+            return [env[u] for u in block.outputs]
+
+    return TorchScriptNetwork(script)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,12 +756,18 @@ def export_patch_forward(centre, path, example, layer_names, fixed_patch: bool =
 
 def _trace(fn, args):
     """``fn`` as an FX graph of core aten operators, shapes symbolic (dynamic batch and size)."""
+    import torch
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    def convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups, *backend_flags):
+        # traced TorchScript records `_convolution` (with cuDNN flags), which has no ONNX translation
+        return torch.ops.aten.convolution.default(x, w, b, stride, padding, dilation, transposed, output_padding,
+                                                  groups)
+
+    table = {**core_aten_decompositions(), torch.ops.aten._convolution.default: convolution}
     with _quiet():
-        return make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
-                       _allow_non_fake_inputs=True)(*args)
+        return make_fx(fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
 
 
 def _trace_vjp(centre, example, cotangents):
@@ -417,7 +798,9 @@ def export_vjp(centre, path, example, channels, fixed_patch: bool = False, doc: 
 def export_full_forward(features, path, example, layer_names, doc: str = ""):
     """Write the full forward graph (input ``image`` [B, C_in, *spatial], one output per layer;
     batch and spatial axes dynamic) with the TorchScript exporter (opset 17): plain Conv /
-    InstanceNormalization nodes, as ``deepbet.onnx``."""
+    InstanceNormalization nodes, as ``deepbet.onnx``. Where it fails (a Python wrapper around a
+    TorchScript, a list output) and for TorchScript submodule outputs: make_fx + dynamo (opset
+    18), the TorchScript run node by node."""
     import onnx
     import torch
 
@@ -425,42 +808,59 @@ def export_full_forward(features, path, example, layer_names, doc: str = ""):
     for name in layer_names:
         dyn[name] = {0: "B", **{a: f"{name}_D{a - 2}" for a in range(2, example.dim())}}
     base = getattr(features, "base", None)
-    if isinstance(base, torch.jit.ScriptModule) and getattr(features, "indices", None) is not None:
-        # a TorchScript network: the TorchScript exporter takes it as it is (it cannot be called
-        # from a Python wrapper while tracing); the selected outputs are picked in the ONNX graph
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.no_grad():
-                n_out = len(_as_tuple(base(example)))
-            raw = [f"raw_{i}" for i in range(n_out)]
-            dyn_raw = {"image": dyn["image"], **{r: {0: "B"} for r in raw}}
-            torch.onnx.export(base, (example,), str(path), dynamo=False, opset_version=17, input_names=["image"],
-                              output_names=raw, dynamic_axes=dyn_raw, do_constant_folding=True)
-        model = onnx.load(str(path))
-        outs = {o.name: o for o in model.graph.output}
-        picked = [raw[i] for i in features.indices]
-        del model.graph.output[:]
-        for src, name in zip(picked, layer_names):
-            model.graph.node.append(onnx.helper.make_node("Identity", [src], [name]))
-            vi = onnx.ValueInfoProto()
-            vi.CopyFrom(outs[src])
-            vi.name = name
-            model.graph.output.append(vi)
-        _finish(model, Path(path), doc or "feature extractor: one output per layer")
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(features.eval(), (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["image"], output_names=list(layer_names), dynamic_axes=dyn,
-                              do_constant_folding=True)
-    except Exception:  # e.g. a TorchScript network inside a Python wrapper: trace to aten and use dynamo
-        batch = torch.export.Dim("B", min=1, max=1 << 20)
-        dims = {0: batch, **{a: torch.export.Dim(f"D{a - 2}", min=1, max=1 << 14) for a in range(2, example.dim())}}
-        gm = _trace(lambda image: tuple(features(image)), (example,))
-        _export(gm, (example,), Path(path), ["image"], list(layer_names), ({**dims},), doc)
-        return
-    _finish(onnx.load(str(path)), Path(path), doc or "feature extractor: one output per layer")
+    script = base.script if getattr(base, "is_torchscript_network", False) else None
+    if script is not None and getattr(features, "indices", None) is not None:
+        try:
+            _export_torchscript_outputs(script, features.indices, path, example, layer_names, dyn, doc)
+            return
+        except Exception:  # e.g. a list output, which the TorchScript exporter makes one sequence: dynamo below
+            pass
+    if script is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(features.eval(), (example,), str(path), dynamo=False, opset_version=17,
+                                  input_names=["image"], output_names=list(layer_names), dynamic_axes=dyn,
+                                  do_constant_folding=True)
+            _finish(onnx.load(str(path)), Path(path), doc or "feature extractor: one output per layer")
+            return
+        except Exception:  # e.g. a TorchScript network inside a Python wrapper: dynamo below
+            pass
+    # through make_fx: a TorchScript network runs node by node in Python here (the TorchScript
+    # exporter would trace that Python and keep its size arithmetic as constants)
+    batch = torch.export.Dim("B", min=1, max=1 << 20)
+    dims = {0: batch, **{a: torch.export.Dim(f"D{a - 2}", min=1, max=1 << 14) for a in range(2, example.dim())}}
+    example = example.expand(2, *example.shape[1:]).contiguous()  # a size of 1 would be traced as a constant
+    gm = _trace(lambda image: tuple(features(image)), (example,))
+    _export(gm, (example,), Path(path), ["image"], list(layer_names), ({**dims},),
+            doc or "feature extractor: one output per layer")
+
+
+def _export_torchscript_outputs(script, indices, path, example, layer_names, dyn, doc: str):
+    """The TorchScript exporter on the ScriptModule itself (plain Conv / InstanceNormalization
+    nodes); outputs ``indices`` of its forward are picked in the ONNX graph."""
+    import onnx
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            n_out = len(_as_tuple(script(example)))
+        raw = [f"raw_{i}" for i in range(n_out)]
+        dyn_raw = {"image": dyn["image"], **{r: {0: "B"} for r in raw}}
+        torch.onnx.export(script, (example,), str(path), dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=raw, dynamic_axes=dyn_raw, do_constant_folding=True)
+    model = onnx.load(str(path))
+    outs = {o.name: o for o in model.graph.output}
+    picked = [raw[i] for i in indices]
+    del model.graph.output[:]
+    for src, name in zip(picked, layer_names):
+        model.graph.node.append(onnx.helper.make_node("Identity", [src], [name]))
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(outs[src])
+        vi.name = name
+        model.graph.output.append(vi)
+    _finish(model, Path(path), doc or "feature extractor: one output per layer")
 
 
 def _ort_session(path, threads: int = 2):
@@ -473,25 +873,38 @@ def _ort_session(path, threads: int = 2):
 
 
 def check_graphs(centre, patch_path, vjp_path, sizes, in_channels: int, channels, n_spatial: int = 3,
-                 batch: int = 3, seed: int = 0) -> dict:
-    """ONNX Runtime against torch on random patches of each size in ``sizes``: max relative error
-    (max |a - b| / max |b|) of the patch outputs and of the VJP. Raises RuntimeError above 1e-4."""
+                 batch: int = 3, seed: int = 0, reference=None, full=None) -> dict:
+    """ONNX Runtime against torch on ``batch`` random patches of each size in ``sizes``: max
+    relative error (max |a - b| / max |b|) of the patch outputs and of the VJP. The torch values
+    come from ``reference`` (default ``centre``; for a TorchScript network the ScriptModule
+    itself) run on one patch at a time, so a network that mixes the batch items (a batch size
+    fixed in a reshape) fails too. ``full = (full_path, patch_layers, strides)`` also compares the
+    full graph's voxel ``(P // 2) // stride`` on the same patches with the patch outputs
+    (``"full_centre"``). Raises RuntimeError above 1e-4."""
     import torch
 
+    reference = centre if reference is None else reference
     g = torch.Generator().manual_seed(seed)
-    worst = {"forward": 0.0, "vjp": 0.0}
+    worst = {"forward": 0.0, "vjp": 0.0, **({"full_centre": 0.0} if full else {})}
     fwd, vjp = _ort_session(patch_path), _ort_session(vjp_path) if vjp_path else None
+    whole = _ort_session(full[0]) if full else None
     for size in sizes:
         x = torch.randn(batch, in_channels, *[size] * n_spatial, generator=g)
         cots = [torch.randn(batch, int(c), generator=g) for c in channels]
         with torch.no_grad():
-            ref = centre(x)
+            ref = [torch.cat(r) for r in zip(*[reference(x[i:i + 1]) for i in range(batch)])]
         got = fwd.run(None, {"patches": x.numpy()})
         for a, b in zip(got, ref):
             worst["forward"] = max(worst["forward"], _rel(a, b.numpy()))
         if vjp is not None:
             feeds = {"patches": x.numpy(), **{f"cotangent_{k}": c.numpy() for k, c in enumerate(cots)}}
-            worst["vjp"] = max(worst["vjp"], _rel(vjp.run(None, feeds)[0], vjp_reference(centre, x, cots).numpy()))
+            want = torch.cat([vjp_reference(reference, x[i:i + 1], [c[i:i + 1] for c in cots]) for i in range(batch)])
+            worst["vjp"] = max(worst["vjp"], _rel(vjp.run(None, feeds)[0], want.numpy()))
+        if whole is not None:
+            maps = whole.run(None, {"image": x.numpy()})
+            for a, k, s in zip(got, full[1], full[2]):
+                centre_voxel = maps[k][(slice(None), slice(None)) + ((size // 2) // s,) * n_spatial]
+                worst["full_centre"] = max(worst["full_centre"], _rel(a, centre_voxel))
     if max(worst.values()) > 1e-4:
         raise RuntimeError(f"the exported patch graphs do not reproduce torch (max rel. errors {worst})")
     return worst
@@ -502,10 +915,10 @@ def _rel(a, b) -> float:
 
 
 def export_patch_graphs(centre, folder, name: str, patch_size: int, in_channels: int, channels, layer_names,
-                        check_sizes=(), n_spatial: int = 3, doc: str = "") -> dict:
+                        check_sizes=(), n_spatial: int = 3, doc: str = "", reference=None, full=None) -> dict:
     """Write ``<name>_patch.onnx`` and ``<name>_vjp.onnx`` (dynamic batch and patch size) of the
-    centre module and check them with ONNX Runtime on ``patch_size`` and ``check_sizes``.
-    Returns ``{"patch_file", "vjp_file", "errors"}``."""
+    centre module and check them with ONNX Runtime on ``patch_size`` and ``check_sizes``
+    (:func:`check_graphs`: ``reference``, ``full``). Returns ``{"patch_file", "vjp_file", "errors"}``."""
     import torch
 
     folder = Path(folder)
@@ -517,7 +930,8 @@ def export_patch_graphs(centre, folder, name: str, patch_size: int, in_channels:
     export_vjp(centre, vjp_path, example, channels,
                doc=f"{doc} VJP: inputs patches [B, {in_channels}, P, ..., P], cotangent_k [B, C_k]; output grad = "
                    "d(sum_k <centre_k(patches), cotangent_k>) / d patches".strip())
-    errors = check_graphs(centre, patch_path, vjp_path, [patch_size, *check_sizes], in_channels, channels, n_spatial)
+    errors = check_graphs(centre, patch_path, vjp_path, [patch_size, *check_sizes], in_channels, channels, n_spatial,
+                          reference=reference, full=full)
     return {"patch_file": patch_path.name, "vjp_file": vjp_path.name, "errors": errors}
 
 
@@ -625,7 +1039,9 @@ def load_user_network(network, *, weights=None, entry: str | None = None, config
                       in_channels: int = 1, random_weights: bool = False):
     """The user's network in eval mode, from (by the file name):
 
-    * ``*.pt|*.pth|*.ts|*.jit`` without ``weights``: a TorchScript file (``torch.jit.load``);
+    * ``*.pt|*.pth|*.ts|*.jit`` without ``weights``: a TorchScript file (``torch.jit.load``;
+      scripted or traced; returned as the ScriptModule, which :func:`_select_layers` wraps in
+      :func:`torchscript_network`);
     * ``*.py``: a Python file defining the network: ``entry`` (default ``model``, then
       ``create_model``) names an ``nn.Module`` instance, an ``nn.Module`` class or a factory that
       takes no arguments; ``weights`` (a state dict) is loaded into it with ``strict=True``;
@@ -681,10 +1097,14 @@ def load_user_network(network, *, weights=None, entry: str | None = None, config
     return model.eval()
 
 
-def _select_layers(model, layers, submodule: str | None):
+def _select_layers(model, layers, submodule: str | None, direct: bool = False):
     """``x -> tuple of feature maps``: the outputs of ``submodule`` (e.g. ``encoder``; default
     the whole network), then ``layers``: integers pick outputs by index, dotted names capture
-    the output of that submodule by a forward hook (nn.Module only)."""
+    the output of that submodule (by a forward hook; in a TorchScript network, which runs node
+    by node through :func:`torchscript_network`, by taking the submodule's return value and
+    skipping the rest of the network once every named output is known). ``direct=True``: a
+    TorchScript network is called as it is (the torch reference of the checks; output indices
+    only, else ``None`` is returned)."""
     import torch
     from torch import nn
 
@@ -702,10 +1122,15 @@ def _select_layers(model, layers, submodule: str | None):
         if s not in named:
             raise ConfigError(f"layer {s!r} is neither an output index nor a submodule of the network; submodules: "
                               f"{', '.join(list(n for n in named if n)[:12])}, ...")
-
-    if hooked and isinstance(base, torch.jit.ScriptModule):
-        raise ConfigError(f"layers {hooked}: submodule outputs cannot be captured in a TorchScript network; "
-                          "give output indices (see its forward's outputs)")
+    if isinstance(base, torch.jit.ScriptModule):
+        base = torchscript_network(base)
+        if hooked and direct:
+            return None
+        base.direct = direct
+        if hooked and base.unsupported:
+            raise ConfigError(f"layers {hooked}: the TorchScript holds a node that fastimpact cannot run step by step "
+                              f"({base.unsupported}), so submodule outputs cannot be taken; give output indices")
+    scripted = getattr(base, "is_torchscript_network", False)
 
     class Layers(nn.Module):
         def __init__(self):
@@ -715,13 +1140,19 @@ def _select_layers(model, layers, submodule: str | None):
 
         def forward(self, x):
             captured = {}
-            handles = [self.base.get_submodule(s).register_forward_hook(  # self.base: deep copies hook their own
-                lambda m, i, o, s=s: captured.__setitem__(s, o)) for s in hooked]
-            try:
-                out = self.base(x)
-            finally:
-                for h in handles:
-                    h.remove()
+            if scripted and hooked:
+                out, captured = self.base.run(x, hooked, stop=len(hooked) == len(specs))
+            else:
+                handles = [self.base.get_submodule(s).register_forward_hook(  # self.base: deep copies hook their own
+                    lambda m, i, o, s=s: captured.__setitem__(s, o)) for s in hooked]
+                try:
+                    out = self.base(x)
+                finally:
+                    for h in handles:
+                        h.remove()
+            missing = [s for s in hooked if s not in captured]
+            if missing:
+                raise ConfigError(f"layers {missing}: these submodules are not called by the network's forward")
             outs = _as_tuple(out) if len(hooked) < len(specs) else ()
             result = []
             for s in specs:
@@ -739,12 +1170,36 @@ def _select_layers(model, layers, submodule: str | None):
     return Layers().eval()
 
 
-def _geometry(features, in_channels: int, n_spatial: int, probe: int):
-    """Channels and stride of each layer, from a forward pass on a ``probe``^D input."""
+_FIXED_SHAPES = ("either a decoder rounds sizes to a multiple of its total stride (select encoder layers, by "
+                 "submodule name in --layers) or the network fixes the batch or input size (a TorchScript trace keeps "
+                 "sizes computed with Python ints, e.g. x.view(2, ...) or interpolate(size=(int(n), ...)), as "
+                 "constants: re-export it with torch.jit.script or without int() on sizes, or give the architecture "
+                 "as a Python file)")
+
+
+def _run_probe(features, shape, fix: str):
+    """``features`` on zeros of ``shape`` (no grad); a failure is the user's network or options."""
     import torch
 
-    with torch.no_grad():
-        outs = features(torch.zeros(1, in_channels, *[probe] * n_spatial))
+    try:
+        with torch.no_grad():
+            return features(torch.zeros(*shape))
+    except ConfigError:
+        raise
+    except Exception as exc:  # whatever the network raises
+        text = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"the network fails on a {list(shape)} input ({type(exc).__name__}: {text}); {fix}") from None
+
+
+def _geometry(features, in_channels: int, n_spatial: int, probe: int):
+    """Channels and stride of each layer, from a forward pass on a ``probe``^D input; then a
+    second pass with batch 2 and another size (``probe`` -+ lcm(strides)) must give every layer
+    the batch and the size that its stride predicts: shapes that a TorchScript trace recorded
+    as constants (e.g. ``x.view(2, 16, -1)``, an interpolation to a fixed size) fail here, as do
+    decoders that need sizes divisible by their total stride."""
+    outs = _run_probe(features, (1, in_channels, *[probe] * n_spatial),
+                      "check --in-channels, --dimension, --submodule and --probe-size (a multiple of the network's "
+                      "total stride)")
     geo = []
     for k, o in enumerate(outs):
         if o.dim() != n_spatial + 2:
@@ -756,14 +1211,24 @@ def _geometry(features, in_channels: int, n_spatial: int, probe: int):
             raise ConfigError(f"layer {k}: a {probe}^{n_spatial} input gives {sizes} voxels, not an integer stride; "
                               "use a --probe-size divisible by the network's total stride")
         geo.append((int(o.shape[1]), strides.pop()))
+    step = math.lcm(*[s for _, s in geo])
+    other = probe - step if probe - step >= step else probe + step
+    shape = (2, in_channels, *[other] * n_spatial)
+    outs = _run_probe(features, shape, f"it ran on [1, {in_channels}, {probe}^{n_spatial}]: {_FIXED_SHAPES}")
+    for k, (o, (c, s)) in enumerate(zip(outs, geo)):
+        want = (2, c, *[other // s] * n_spatial)
+        if tuple(o.shape) != want:
+            raise ConfigError(f"layer {k}: a {list(shape)} input gives {list(o.shape)}, not {list(want)}: "
+                              f"{_FIXED_SHAPES}")
     return geo
 
 
 def _receptive_fields(features, in_channels: int, n_spatial: int, strides, length: int):
     """Per layer: the width of the input that the centre output voxel sees along the first axis,
     measured by autograd on a thin probe [length, 8, ...] with instance norms replaced by the
-    identity (they make every voxel depend on the whole input). ``None`` where the field reaches
-    the probe's ends (wider than ``length``) or cannot be measured (TorchScript)."""
+    identity (they make every voxel depend on the whole input; in a TorchScript network the
+    norm operators). ``None`` where the field reaches the probe's ends (wider than ``length``) or
+    cannot be measured (a network that does not deep-copy, or a norm called as a function)."""
     import copy
 
     import torch
@@ -771,14 +1236,14 @@ def _receptive_fields(features, in_channels: int, n_spatial: int, strides, lengt
 
     try:
         geo = copy.deepcopy(features)
-    except Exception:  # TorchScript modules and some others do not deepcopy
+    except Exception:  # some modules do not deep-copy
         return [None] * len(strides)
-    swapped = 0
     for name, module in list(geo.named_modules()):
+        if getattr(module, "is_torchscript_network", False):
+            module.drop_norms = True  # a TorchScript's norms are operators, not modules
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.modules.instancenorm._InstanceNorm):
                 setattr(module, child_name, nn.Identity())
-                swapped += 1
     geo = geo.double().eval()
     fields = []
     for k, s in enumerate(strides):
@@ -822,21 +1287,74 @@ def _normalises_globally(features, in_channels: int, n_spatial: int) -> bool:
     return False
 
 
+def _check_torchscript_run(net, x):
+    """The node-by-node run of a TorchScript network (:func:`torchscript_network`) against the
+    ScriptModule on ``x``: every output of the whole network. Skipped where the ScriptModule
+    itself fails on ``x`` (e.g. a decoder that needs other sizes than the selected encoder
+    layers); the patch checks then compare with the node-by-node run."""
+    import torch
+
+    if net.unsupported or net.direct:
+        return
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            want = _as_tuple(net.script(x))
+        except Exception:
+            return
+        got = _as_tuple(net(x))
+    err = max([_rel(a.numpy(), b.numpy()) for a, b in zip(got, want) if isinstance(b, torch.Tensor)] or [0.0])
+    if len(got) != len(want) or err > 1e-5:
+        raise RuntimeError(f"the TorchScript network run node by node differs from the ScriptModule (max rel. "
+                           f"error {err:.1e}); please report it")
+
+
+def _patch_failure(network, exc, script_net, what: str = "patch graphs") -> str:
+    """The one-line ConfigError message when the patch graphs (or ``what``) of ``network``
+    cannot be made."""
+    text = " ".join(str(exc).split())
+    if "Exception summary" in text:  # torch.onnx's ConversionError: its first cause says what failed
+        text = text.split("Exception summary", 1)[1].split("⬆", 1)[0].strip(" #")
+    if "Status Message:" in text:  # ONNX Runtime: keep its message, not the source location
+        text = text.split("Status Message:", 1)[1].split(" was false. ", 1)[-1].strip()
+    reason = f"{type(exc).__name__}: {text[:300]}"
+    if any(k in text for k in ("invalid dimensions", "Constraints violated", "specializ", "cannot be reshaped")):
+        reason = f"the traced graph fixes the batch or patch size; {reason}"
+    fix = "or build a static-mode model with --static-only" if what == "patch graphs" else ""
+    if "transposed convolution" in text:
+        fix = f"select encoder layers (submodule names in --layers, or --submodule), {fix}"
+    elif script_net is not None and script_net.unsupported:
+        reason = (f"the TorchScript holds {script_net.unsupported}, which fastimpact does not run node by node, "
+                  f"and run as a whole it reads every size as a fixed int; {reason}")
+        fix = f"give the architecture as a Python file with the TorchScript's state_dict as --weights, {fix}"
+    elif script_net is not None:
+        fix = ("re-export the TorchScript without int() or fixed numbers for sizes (torch.jit.script keeps the size "
+               f"arithmetic), or give the architecture as a Python file with its state_dict as --weights, {fix}")
+    else:
+        fix = f"check that the network's forward uses only sizes read from its input, {fix}"
+    return f"the {what} of '{network}' cannot be made ({reason}); {fix.strip(', ')}"
+
+
 def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str | None = None,
                 configuration: str | None = None, submodule: str | None = None, layer_names=None,
                 in_channels: int = 1, dimension: int = 3, normalization: str = "zscore",
                 voxel_size_mm: float | None = None, patch_size: int | None = None, patch_layers=None,
                 receptive_field: int | None = None, global_normalization: bool | None = None,
                 probe_size: int = 64, description: str = "", license: str = "", force: bool = False,
-                random_weights: bool = False) -> dict:
+                random_weights: bool = False, static_only: bool = False) -> dict:
     """Convert a user's network into fastimpact's model files in ``out_dir``: ``<name>.onnx``
     (full forward, the selected layers), ``<name>_patch.onnx`` and ``<name>_vjp.onnx`` (Jacobian
     mode, :mod:`fastimpact.onnx_models` contract) and the manifest ``<name>.json``; every graph
     is checked against torch with ONNX Runtime. ``layers``: output indices of the network (or of
     ``submodule``) or dotted submodule names; ``patch_layers``: indices into ``layers`` for patch
     mode (default: all); ``patch_size`` default: the smallest odd valid size with at least
-    ``2 * lcm(strides)`` voxels of context. Returns the manifest plus ``"checks"`` (max rel.
-    errors) and ``"files"``."""
+    ``2 * lcm(strides)`` voxels of context. A TorchScript network (scripted or traced) runs node
+    by node in Python (:func:`torchscript_network`) so that the traced graphs keep the batch and
+    patch size dynamic; the checks compare with the ScriptModule itself. ``static_only``: no
+    patch graphs (the model serves static mode only). A network whose patch graphs cannot be
+    made raises ConfigError (with the reason and the fix). Returns the manifest plus
+    ``"checks"`` (max rel. errors), ``"files"`` and ``"patch_error"`` (``None``, or why there are
+    no patch graphs)."""
     import torch
 
     from . import NORMALIZATIONS, load_model_spec, valid_patch_sizes, validate_with_runtime
@@ -861,6 +1379,9 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
     model = load_user_network(network, weights=weights, entry=entry, configuration=configuration,
                               in_channels=in_channels, random_weights=random_weights)
     features = _select_layers(model, layers, submodule)
+    scripted = getattr(features.base, "is_torchscript_network", False)
+    # the torch values of the checks: a TorchScript network called as it is, when it can be
+    reference = _select_layers(model, layers, submodule, direct=True) if scripted else features
     n_sp = dimension
     geo = _geometry(features, in_channels, n_sp, probe_size)
     channels = [c for c, _ in geo]
@@ -890,37 +1411,40 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
 
     g = torch.Generator().manual_seed(0)
     example = torch.randn(1, in_channels, *[probe_size] * n_sp, generator=g)
-    export_full_forward(features, files[".onnx"], example, names,
-                        doc=f"{name}: {', '.join(names)} (fastimpact models build)")
-    centre = centre_module(features, patch_idx, patch_strides).eval()
-    following = [v for v in valid if v > patch_size][:1]  # a second size: the graphs must not bake P in
-    patch_error = None
-    try:
-        patch_info = export_patch_graphs(centre, out_dir, name, patch_size, in_channels,
-                                         [channels[i] for i in patch_idx], [names[i] for i in patch_idx],
-                                         check_sizes=following, n_spatial=n_sp, doc=name)
-    except Exception as exc:  # the exporters raise many types; the message says which step failed
-        for key in ("_patch.onnx", "_vjp.onnx"):
-            files[key].unlink(missing_ok=True)
-        message = " ".join(str(exc).split())
-        if not isinstance(model, torch.jit.ScriptModule):
-            raise ConfigError(f"the patch graphs of '{network}' cannot be exported ({type(exc).__name__}: "
-                              f"{message[:300]})") from None
-        # TorchScript runs its own interpreter on concrete sizes: tracing it fixes batch and patch
-        # size. Static mode still works; Jacobian mode needs the architecture in Python.
-        patch_error = ("TorchScript fixes every shape when traced, so no patch graphs with a dynamic batch "
-                       "can be made from it; give the architecture as a Python file (or an nnU-Net "
-                       "plans.json) with the TorchScript's state_dict as --weights for Jacobian mode")
-        patch_info = {"errors": {}}
-    # the full graph against torch, on an odd-sized input
+    if scripted:
+        _check_torchscript_run(features.base, example)
+    # the full graph, then against torch on an odd-sized input
     full_err = 0.0
     x = torch.randn(2, in_channels, *[probe_size + 3] * n_sp, generator=g)
     with torch.no_grad():
-        ref = features(x)
-    for a, b in zip(_ort_session(files[".onnx"]).run(None, {"image": x.numpy()}), ref):
-        full_err = max(full_err, _rel(a, b.numpy()))
-    if full_err > 1e-4:
-        raise RuntimeError(f"the exported full graph does not reproduce torch (max rel. error {full_err:.1e})")
+        ref = (features if reference is None else reference)(x)
+    try:
+        export_full_forward(features, files[".onnx"], example, names,
+                            doc=f"{name}: {', '.join(names)} (fastimpact models build)")
+        for a, b in zip(_ort_session(files[".onnx"]).run(None, {"image": x.numpy()}), ref):
+            if a.shape != tuple(b.shape):
+                raise RuntimeError(f"the exported full graph gives {list(a.shape)} where torch gives {list(b.shape)}")
+            full_err = max(full_err, _rel(a, b.numpy()))
+        if full_err > 1e-4:
+            raise RuntimeError(f"the exported full graph does not reproduce torch (max rel. error {full_err:.1e})")
+    except Exception as exc:  # the exporters and ONNX Runtime raise many types; the message says which
+        files[".onnx"].unlink(missing_ok=True)
+        raise ConfigError(_patch_failure(network, exc, features.base if scripted else None, "full graph")) from None
+
+    patch_error, patch_info = ("built with --static-only", {"errors": {}}) if static_only else (None, None)
+    if not static_only:
+        centre = centre_module(features, patch_idx, patch_strides).eval()
+        centre_ref = centre_module(reference, patch_idx, patch_strides).eval() if reference is not None else None
+        following = [v for v in valid if v > patch_size][:1]  # a second size: the graphs must not bake P in
+        try:
+            patch_info = export_patch_graphs(centre, out_dir, name, patch_size, in_channels,
+                                             [channels[i] for i in patch_idx], [names[i] for i in patch_idx],
+                                             check_sizes=following, n_spatial=n_sp, doc=name, reference=centre_ref,
+                                             full=(files[".onnx"], patch_idx, patch_strides))
+        except Exception as exc:  # the exporters raise many types; the message says which step failed
+            for key in ("_patch.onnx", "_vjp.onnx", ".onnx"):
+                files[key].unlink(missing_ok=True)
+            raise ConfigError(_patch_failure(network, exc, features.base if scripted else None)) from None
 
     manifest = {
         "name": name, "file": files[".onnx"].name,

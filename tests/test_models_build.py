@@ -1,9 +1,13 @@
 """`fastimpact models build` (cli/models_build.py, onnx_models/build.py): an nnU-Net encoder
-(dynamic-network-architectures PlainConvUNet, random weights), a Python-file network and a
-TorchScript file converted to ONNX; the graphs against torch. Needs torch, onnxscript and
-dynamic-network-architectures (the models extra): skipped without them."""
+(dynamic-network-architectures PlainConvUNet, random weights), a Python-file network and
+TorchScript files (scripted and traced: the encoder stages of a segmentation network, run node by
+node) converted to ONNX; the graphs against torch (the Python network the TorchScript came from)
+and the VJP against finite differences; networks that fix their sizes are refused. Needs torch,
+onnxscript and dynamic-network-architectures (the models extra): skipped without them."""
 
+import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +20,9 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is part of the test
 typer_testing = pytest.importorskip("typer.testing")
 
 from fastimpact.onnx_models import load_model_spec, validate_with_runtime  # noqa: E402
-from fastimpact.onnx_models.build import build_model, load_user_network, vjp_reference  # noqa: E402
+from fastimpact.onnx_models import build  # noqa: E402
+from fastimpact.onnx_models.build import (build_model, load_user_network, torchscript_network,  # noqa: E402
+                                           vjp_reference)
 
 ARCH = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
@@ -144,14 +150,16 @@ def test_python_network_with_a_hooked_submodule_layer(tmp_path):
         build_model(tmp_path / "net.py", tmp_path, "tiny", ["0"])
 
 
-def test_torchscript_network_gives_a_static_only_model(tmp_path):
+def test_torchscript_static_only_model(tmp_path):
     (tmp_path / "net.py").write_text(NET_PY)
     model = load_user_network(tmp_path / "net.py")
-    torch.jit.trace(model, torch.randn(1, 1, 16, 16, 16)).save(str(tmp_path / "tiny.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, torch.randn(1, 1, 16, 16, 16)).save(str(tmp_path / "tiny.pt"))
     result = run_cli([tmp_path / "tiny.pt", "--layers", "0,1", "--name", "ts", "-o", tmp_path / "o",
-                      "--probe-size", "16"])
+                      "--probe-size", "16", "--static-only"])
     assert result.exit_code == 0, result.output
-    assert "no patch graphs" in result.output
+    assert "static mode only" in result.output
     spec = load_model_spec(tmp_path / "o" / "ts.json")
     validate_with_runtime(spec)
     assert spec.patch_path is None and not (tmp_path / "o" / "ts_vjp.onnx").exists()
@@ -162,6 +170,166 @@ def test_torchscript_network_gives_a_static_only_model(tmp_path):
         assert rel(got, r.numpy()) < 1e-4  # dynamic sizes work for the full graph
     with pytest.raises(ConfigError, match="no patch graphs"):
         spec.patch_centres()
+
+
+# a segmentation network whose TorchScript returns only the decoder's output (as deepbet's): its
+# encoder stages are taken by submodule name; `gn` reads sizes from its input (traced: aten::size
+# ops; scripted: so do InstanceNorm3d's input checks)
+UNET_PY = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+class Stage(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+        self.norm = nn.InstanceNorm3d(cout, affine=True)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(self.conv(x)), 0.01)
+
+class GroupNormByHand(nn.Module):
+    def forward(self, x):
+        g = x.reshape(x.shape[0], 2, -1)
+        g = (g - g.mean(-1, keepdim=True)) * torch.rsqrt(g.var(-1, keepdim=True) + 1e-5)
+        return g.view(x.shape)
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s0, self.s1, self.gn = Stage(1, 4, 1), Stage(4, 6, 2), GroupNormByHand()
+        self.up, self.head = nn.ConvTranspose3d(6, 4, 2, stride=2), nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        a = self.s0(x)
+        return torch.softmax(self.head(self.up(self.gn(self.s1(a))) + a), 1)  # even sizes only
+
+torch.manual_seed(5)
+model = UNet()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn(p.shape))
+'''
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unet")
+    (folder / "unet.py").write_text(UNET_PY)
+    model = load_user_network(folder / "unet.py")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(str(folder / "script.pt"))
+        torch.jit.trace(model, torch.randn(1, 1, 8, 8, 8)).save(str(folder / "trace.pt"))
+    return folder, model
+
+
+def encoder_stages(model, x):
+    a = model.s0(x)
+    return a, model.gn(model.s1(a))
+
+
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_torchscript_runs_node_by_node_with_symbolic_shapes(unet, kind):
+    folder, model = unet
+    script = load_user_network(folder / f"{kind}.pt")
+    net = torchscript_network(script)
+    assert net.unsupported is None
+    x = torch.randn(3, 1, 10, 12, 14)
+    with torch.no_grad():
+        assert torch.equal(net(x), script(x)) and rel(net(x).numpy(), model(x).numpy()) < 1e-5
+        out, captured = net.run(torch.randn(2, 1, 9, 7, 5), ["s0", "gn"], stop=True)
+        assert out is None and captured["gn"].shape == (2, 6, 5, 4, 3)  # odd sizes: the decoder never ran
+        got, want = net.run(x, ["s0", "gn"], stop=True)[1], encoder_stages(model, x)
+        assert all(rel(got[k].numpy(), w.numpy()) < 1e-5 for k, w in zip(("s0", "gn"), want))
+    # make_fx through the node-by-node run keeps batch and size symbolic (the ScriptModule's own
+    # interpreter reads sizes as ints: scripted InstanceNorm3d checks, traced aten::size)
+    gm = build._trace(lambda p: net.run(p, ["gn"], stop=True)[1]["gn"], (torch.randn(2, 1, 9, 9, 9),))
+    (placeholder,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shape = placeholder.meta["val"].shape
+    assert isinstance(shape[0], torch.SymInt) and all(isinstance(d, torch.SymInt) for d in shape[2:])
+
+
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_torchscript_encoder_stages_give_patch_graphs(unet, kind, tmp_path):
+    folder, model = unet
+    result = run_cli([folder / f"{kind}.pt", "--layers", "s0,gn", "--name", "ts", "-o", tmp_path, "--probe-size", "16",
+                      "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output[result.output.index("{"):])
+    assert set(info["checks"]) == {"full", "forward", "vjp", "full_centre"} and max(info["checks"].values()) < 1e-4
+    spec = load_model_spec(tmp_path / "ts.json")
+    validate_with_runtime(spec)
+    # fields measured with the norm operators dropped (the hand-made group norm stays: global)
+    assert [(l.channels, l.stride, l.receptive_field) for l in spec.layers] == [(4, 1, 3), (6, 2, None)]
+    assert spec.patch_size == 5 and spec.global_normalization  # 2 lcm(1, 2) + 1; instance norms
+    x = torch.randn(2, 1, 13, 9, 11)  # odd sizes: the whole network would fail, its encoder does not
+    with torch.no_grad():
+        ref = encoder_stages(model, x)
+    for a, b in zip(session(spec.path).run(None, {"image": x.numpy()}), ref):
+        assert a.shape == tuple(b.shape) and rel(a, b.numpy()) < 1e-4
+    g = torch.Generator().manual_seed(2)
+    for size in (5, 9):
+        p = torch.randn(3, 1, size, size, size, generator=g)
+        cots = [torch.randn(3, c, generator=g) for c in (4, 6)]
+
+        def centre_torch(q, net=model, ks=spec.patch_centres(size)):
+            return tuple(f[:, :, k, k, k] for f, k in zip(encoder_stages(net, q), ks))
+
+        with torch.no_grad():
+            want = centre_torch(p)
+        for c, w in zip(session(spec.patch_path).run(None, {"patches": p.numpy()}), want):
+            assert rel(c, w.numpy()) < 1e-4
+        feeds = {"patches": p.numpy(), **{f"cotangent_{i}": c.numpy() for i, c in enumerate(cots)}}
+        grad = session(spec.vjp_path).run(None, feeds)[0]
+        assert rel(grad, vjp_reference(centre_torch, p, cots).numpy()) < 1e-4
+    # the VJP against central finite differences of the float64 network, along a random direction
+    model64 = copy.deepcopy(model).double()
+    v, eps = torch.randn(p.shape, generator=g, dtype=torch.float64), 1e-4
+
+    def objective(q):
+        with torch.no_grad():
+            return float(sum((f * c.double()).sum() for f, c in zip(centre_torch(q, model64), cots)))
+
+    fd = (objective(p.double() + eps * v) - objective(p.double() - eps * v)) / (2 * eps)
+    assert abs(float((torch.from_numpy(grad).double() * v).sum()) - fd) < 1e-4 * max(abs(fd), 1.0)
+
+
+FROZEN_PY = '''
+import torch
+import torch.nn.functional as F
+
+class Frozen(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):  # int(): a trace keeps these sizes as constants
+        return (F.interpolate(self.conv(x), size=[int(n) for n in x.shape[2:]], mode="trilinear"),)
+
+model = Frozen()
+'''
+
+
+def test_torchscript_networks_that_cannot_give_patch_graphs_are_refused(unet, tmp_path):
+    folder, _ = unet
+    # the whole segmentation network: its decoder needs even sizes
+    with pytest.raises(ConfigError, match=r"fails on a \[2, 1, 15, 15, 15\] input.*select encoder layers") as info:
+        build_model(folder / "trace.pt", tmp_path, "x", ["0"], probe_size=16)
+    assert "\n" not in str(info.value)
+    (tmp_path / "frozen.py").write_text(FROZEN_PY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(load_user_network(tmp_path / "frozen.py"), torch.randn(1, 1, 16, 16, 16)).save(
+            str(tmp_path / "frozen.pt"))
+    with pytest.raises(ConfigError, match=r"gives \[2, 4, 16, 16, 16\], not \[2, 4, 15, 15, 15\]: either a decoder .* "
+                                          "or the network fixes the batch or input size.*torch.jit.script") as info:
+        build_model(tmp_path / "frozen.pt", tmp_path, "x", ["0"], probe_size=16)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="'nope' is neither an output index nor a submodule"):
+        build_model(folder / "script.pt", tmp_path, "x", ["s0", "nope"], probe_size=16)
+    assert not list(tmp_path.glob("x*"))
 
 
 def test_invalid_requests_are_config_errors(tmp_path):
