@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from fastimpact.errors import BackendError, ConfigError
+from fastimpact.errors import ConfigError
 from fastimpact.kernels import BACKENDS, OPERATIONS, _bspline1d, get_kernel
 from fastimpact.kernels import reference as ref
 

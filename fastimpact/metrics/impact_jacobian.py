@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["JacobianImpact", "build_jacobian_impact", "patch_offsets", "plane_offsets", "random_rotations"]
+__all__ = ["JacobianImpact", "build_jacobian_impact", "compare_layer", "patch_offsets", "plane_offsets",
+           "random_rotations"]
 
 
 def patch_offsets(fixed_img, patch: int, voxel: float | None) -> np.ndarray:
@@ -64,6 +65,33 @@ def random_rotations(rng: np.random.Generator, n: int) -> np.ndarray:
         np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
         np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
     ], axis=1)
+
+
+def compare_layer(lu, f: np.ndarray, m: np.ndarray, rng, scales: list, i: int, gradient: bool):
+    """One compared layer of Jacobian-type modes: features ``f``, ``m`` (N, C) at the samples.
+
+    Draws the layer's random channel subset, evaluates its distance, sets the L1 / L2 loss
+    normalisation ``scales[i]`` at the first call (the reference divides by the first value) and
+    returns (distance value, weighted value, weighted d value / d m (N, C) with zeros in the
+    unused channels, or None without ``gradient``)."""
+    from ..features.distances import layer_value_and_grad
+
+    n_channels = f.shape[1]
+    cols = None
+    if 0 < lu.subset < n_channels:
+        cols = np.sort(rng.choice(n_channels, lu.subset, replace=False))
+        f, m = f[:, cols], m[:, cols]
+    v, dm = layer_value_and_grad(f, m, lu.distance, lu.feature_norm, with_grad=gradient)
+    if scales[i] is None:
+        scales[i] = 1.0 / v if lu.distance in ("l1", "l2") and v > 1e-12 else 1.0
+    w = lu.weight * scales[i]
+    if not gradient:
+        return v, w * v, None
+    if cols is None:
+        return v, w * v, w * dm
+    full = np.zeros((len(dm), n_channels))
+    full[:, cols] = w * dm
+    return v, w * v, full
 
 
 class _ModelTerm:
@@ -189,7 +217,6 @@ class JacobianImpact:
         d value / d moving point at those points (M, 3)) with M = K (centre chain) or K V (exact);
         points and gradient are None without ``gradient``."""
         from ..backend import to_host
-        from ..features.distances import layer_value_and_grad
 
         total = 0.0
         values = []
@@ -206,22 +233,11 @@ class JacobianImpact:
             mfeat = t.m_patch.run_bound([min_], t.m_out)
             cots = [np.zeros_like(m) for m in mfeat]
             for i, (lu, slot) in enumerate(zip(t.use.layers, t.slots)):
-                f, m = ffeat[slot], mfeat[slot]
-                cols = None
-                if 0 < lu.subset < f.shape[1]:
-                    cols = np.sort(self.rng.choice(f.shape[1], lu.subset, replace=False))
-                    f, m = f[:, cols], m[:, cols]
-                v, dm = layer_value_and_grad(f, m, lu.distance, lu.feature_norm, with_grad=gradient)
-                if t.scales[i] is None:
-                    t.scales[i] = 1.0 / v if lu.distance in ("l1", "l2") and v > 1e-12 else 1.0
-                w = lu.weight * t.scales[i]
+                v, wv, dfull = compare_layer(lu, ffeat[slot], mfeat[slot], self.rng, t.scales, i, gradient)
                 values.append(v)
-                total += w * v
+                total += wv
                 if gradient:
-                    if cols is None:
-                        cots[slot] += w * dm
-                    else:
-                        cots[slot][:, cols] += w * dm
+                    cots[slot] += dfull
             if not gradient:
                 continue
             grad = t.m_vjp.run_bound([min_, *cots], t.g_out)[0]  # (K, C_in, P, ..., P): dD / d(model input)
