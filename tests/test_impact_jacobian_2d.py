@@ -211,3 +211,25 @@ def test_short_registration_with_a_2d_model(models, channels):
     # the shift (2, 0, -1) mm is found roughly (measured: 0.57 mm off for 1 channel, 0.60 for 3;
     # a 4-channel random-weight network and noisy random planes, no better is expected)
     assert np.linalg.norm(u - [2.0, 0.0, -1.0]) < 0.4 * np.linalg.norm([2.0, 0.0, -1.0])
+
+
+def test_static_mode_runs_a_2d_model_slice_by_slice(models):
+    """Static mode feeds a 2-D model the image's slices along its third axis (as a batch): the
+    feature map equals Conv 3x3 (zero padding) + Tanh of every normalised slice."""
+    from scipy import ndimage
+
+    from _tiny2d import weights
+    from fastimpact.features.maps import FeatureExtractor, compute_feature_maps
+    from fastimpact.onnx_models import load_model_spec
+
+    spec = load_model_spec(models[1])
+    img = Image(blob_volume((12, 10, 7), seed=4), np.diag([1.5, 1.5, 2.0, 1.0]))
+    norm = IntensityNormalization.from_image(img.data, None, spec.normalization)
+    (fmap,) = compute_feature_maps(img, FeatureExtractor(spec, 1), [0], norm)
+    assert fmap.data.shape == (12, 10, 7, 4)
+    np.testing.assert_allclose(fmap.affine, img.affine)
+    w, b = weights(1)
+    x = norm(img.data).astype(np.float64)
+    want = np.stack([np.tanh(np.stack([ndimage.correlate(x[:, :, z], w[c, 0], mode="constant") for z in range(7)],
+                                      axis=-1) + b[c]) for c in range(4)], axis=-1)
+    np.testing.assert_allclose(fmap.data, want, atol=2e-5)
