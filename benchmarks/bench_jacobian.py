@@ -1,4 +1,4 @@
-"""Error versus iterations: IMPACT Jacobian mode, IMPACT static mode and MI, on the multimodal pair.
+"""Error versus iterations: IMPACT Jacobian mode (patches or dense), static mode and MI, multimodal pair.
 
 Case: as ``bench_impact.py`` (fixed = deformed MNI152 T1, moving = T2-like synthesis, known field).
 For each iteration count (per level, every level) each row runs as a subprocess with the same
@@ -27,6 +27,7 @@ ROWS = {
     "jacobian-mind-exact": ("impact", ["--mode", "jacobian", "--model", "mind", "--distance", "l2",
                                        "--jacobian-chain", "exact"]),
     "jacobian-deepbet": ("impact", ["--mode", "jacobian", "--model", "deepbet", "--layers", "11", "--distance", "l2"]),
+    "dense-mind": ("impact", ["--mode", "jacobian-dense", "--model", "mind", "--distance", "l2"]),
     "static-mind": ("impact", ["--model", "mind", "--distance", "l2"]),
     "mi": ("mi", []),
 }

@@ -30,6 +30,7 @@ app = typer.Typer(
 class Mode(str, Enum):
     static = "static"
     jacobian = "jacobian"
+    jacobian_dense = "jacobian-dense"
 
 
 class DemoCase(str, Enum):
@@ -128,7 +129,7 @@ def register(
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads. [default: all cores]")] = None,
     device: Annotated[Optional[Device], typer.Option(help="cpu | cuda | auto. [default: cpu]")] = None,
-    mode: Annotated[Optional[Mode], typer.Option(help="IMPACT mode: static (feature maps once per level) | jacobian (patches through the network every iteration). [default: static]", rich_help_panel="IMPACT")] = None,
+    mode: Annotated[Optional[Mode], typer.Option(help="IMPACT mode: static (feature maps once per level) | jacobian (patches through the network every iteration) | jacobian-dense (the whole warped image through the network every iteration; for the GPU). [default: static]", rich_help_panel="IMPACT")] = None,
     model: Annotated[Optional[str], typer.Option(help="IMPACT model(s): built-in name (fastimpact models list) or .onnx with a .json manifest; several space-separated. [default: mind]", rich_help_panel="IMPACT")] = None,
     moving_model: Annotated[Optional[str], typer.Option("--moving-model", help="IMPACT model(s) for the moving image. [default: --model]", rich_help_panel="IMPACT")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Layer bit mask per model, e.g. 01 = second output only. [default: all]", rich_help_panel="IMPACT")] = None,

@@ -1,9 +1,10 @@
 """`fastimpact models build NETWORK --layers 0,1,2 --name NAME -o DIR`: convert a user's network.
 
 Writes ``NAME.onnx`` (full forward: the chosen layers), ``NAME_patch.onnx`` and ``NAME_vjp.onnx``
-(Jacobian mode: centre voxels of patches and their vector-Jacobian product; not with
-``--static-only``) and the manifest ``NAME.json``; every graph is checked against torch with ONNX
-Runtime before the manifest is written. A network whose patch graphs cannot be made is refused
+(Jacobian mode: centre voxels of patches and their vector-Jacobian product), ``NAME_vjp_full.onnx``
+(dense Jacobian mode: the vector-Jacobian product of all chosen layers on the whole image; the
+three not with ``--static-only``) and the manifest ``NAME.json``; every graph is checked against
+torch with ONNX Runtime before the manifest is written. A network whose patch graphs cannot be made is refused
 with the reason and the fix. Needs the ``models`` extra (torch, onnx, onnxscript); the files it
 writes need only ONNX Runtime. See ``fastimpact.onnx_models`` for the graph contract and
 ``fastimpact.onnx_models.build`` for what the network may be (TorchScript, scripted or traced; a
@@ -77,12 +78,13 @@ def build(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Keep an architecture's initial weights "
                                                                           "(testing and timing only).")] = False,
     static_only: Annotated[bool, typer.Option("--static-only", help="Write only the full graph (static mode); "
-                                                                    "no patch/VJP graphs for Jacobian mode.")] = False,
+                                                                    "no patch/VJP graphs for the Jacobian "
+                                                                    "modes.")] = False,
     time_it: Annotated[bool, typer.Option("--time", help="Also time the patch graphs (ONNX Runtime, 2 threads).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ):
-    """Convert a network into fastimpact model files (full, patch and VJP graphs + manifest).
+    """Convert a network into fastimpact model files (full, patch, VJP and full-volume VJP graphs + manifest).
 
     TorchScript files (scripted or traced) are run operator by operator, so their patch graphs keep
     the batch and patch size dynamic; a network that fixes its sizes is refused with the reason."""
@@ -121,6 +123,7 @@ def build(
     if info.get("patch_error"):
         typer.echo(f"static mode only: no patch graphs ({info['patch_error']})")
     else:
-        typer.echo(f"Jacobian mode: patch size {info['patch_size']}, patch layers {info['patch_layers']}")
+        typer.echo(f"Jacobian mode: patch size {info['patch_size']}, patch layers {info['patch_layers']}; "
+                   f"dense Jacobian mode: full-volume VJP of layers {info['vjp_full_layers']}")
     for b, f, v in timings:
         typer.echo(f"  B={b}: forward {f * 1e3:.1f} ms, VJP {v * 1e3:.1f} ms")

@@ -27,7 +27,7 @@ PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
 # to every model / layer.
 IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "patch_size", "distance", "layer_weights", "subset", "pca",
                     "feature_norm")
-IMPACT_MODES = ("static", "jacobian")
+IMPACT_MODES = ("static", "jacobian", "jacobian-dense")
 JACOBIAN_CHAINS = ("centre", "exact")
 PRECISIONS = ("fp32", "tf32", "fp16")
 
@@ -58,7 +58,9 @@ class RegistrationConfig:
 
     IMPACT (metric "impact"; see fastimpact.features.settings for how per-model / per-layer
     entries are read):
-    mode: static (feature maps once per level, read at T(x)) or jacobian.
+    mode: static (feature maps once per level, read at T(x)), jacobian (a patch per sample through
+        the network and its VJP graph every iteration) or jacobian-dense (the warped moving image
+        through the full network and its full-volume VJP graph every iteration; for the GPU).
     model: feature extractor(s): a built-in name (``fastimpact models list``) or an .onnx file with
         a .json manifest; several models space-separated.
     moving_model: model(s) for the moving image (default: the same as ``model``).

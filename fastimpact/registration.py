@@ -590,7 +590,15 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
 
             lv = level_data(i)
             t_feat = time.perf_counter()
-            if cfg.mode == "jacobian":
+            if cfg.mode == "jacobian-dense":
+                from .metrics.impact_dense import build_dense_impact
+
+                impact_levels[i] = build_dense_impact(
+                    impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                    normalizer("moving", moving_f32, mmask), moving_coef=lv.moving_coef, threads=cfg.threads,
+                    seed=cfg.seed + 104729 * (i + 1), backend=backend, providers=providers, precision=cfg.precision)
+                timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t_feat
+            elif cfg.mode == "jacobian":
                 from .metrics.impact_jacobian import build_jacobian_impact
 
                 impact_levels[i] = build_jacobian_impact(

@@ -29,6 +29,11 @@ patch_size             with patch_file: the default patch size P in voxels (see 
                        uses them: a model with absent patch graphs still runs in static mode)
 patch_size_fixed       true when the patch graphs were exported for ``patch_size`` only; false
                        (default): any valid P runs
+vjp_full_file          optional: the full-volume VJP graph of dense Jacobian mode (below);
+                       independent of the patch graphs
+vjp_full_layers        with vjp_full_file: indices into ``layers`` of the layers whose
+                       cotangents it takes, increasing (deepbet ``[0, 1, 2]``, mind ``[0]``);
+                       the graph file is checked when dense mode or ``models show`` uses it
 =====================  ================================================================
 
 Jacobian mode (IMPACT, paper Sec. III-A-5, Eq. 6-8) runs N patches of P^D voxels around the sample
@@ -51,6 +56,23 @@ the patch centre only when ``(P // 2) % stride_k == 0``. A patch size must satis
 patch layer (:meth:`ModelSpec.patch_centres` checks it and lists the valid sizes). Graphs may be
 cropped to what the centre voxels need (MIND computes one voxel); networks with instance norm
 need the whole patch (the norms use every voxel's statistics).
+
+Dense Jacobian mode runs the network on the whole (moving) volume and pulls the derivative of the
+similarity with respect to each selected layer's feature map back to the image with one graph
+(K = ``len(vjp_full_layers)``; B and the spatial sizes are dynamic):
+
+* ``vjp_full_file``: inputs ``image`` [B, C_in, X, Y, Z] float32 (normalised like the full graph's
+  input; X, Y, Z multiples of ``size_multiple``, any size when it is 1) and ``cotangent_0`` ...
+  ``cotangent_{K-1}`` (in ``vjp_full_layers`` order), each shaped like the full graph's output of
+  that layer on this image: ``[B, C_k, X_k, Y_k, Z_k]`` with ``X_k = X / stride_k`` when
+  ``size_multiple`` is a multiple of the stride, else the network's own rounding (deepbet:
+  ``ceil(X / stride_k)``); output ``grad`` [B, C_in, X, Y, Z] =
+  ``d(sum_k <layer_k(image), cotangent_k>) / d image`` (the forward is recomputed inside; batch
+  items are independent). A layer that a run does not use gets a zero cotangent. 2-D models: the
+  same with two spatial axes (no 2-D model ships one).
+
+:meth:`ModelSpec.vjp_full_slots` checks that a model has this graph and that it covers the
+layers a run selects, and gives each selected layer's cotangent index k.
 """
 
 from __future__ import annotations
@@ -102,6 +124,8 @@ class ModelSpec:
     patch_layers: tuple = ()
     patch_size: int | None = None
     patch_size_fixed: bool = False
+    vjp_full_path: Path | None = None
+    vjp_full_layers: tuple = ()
     manifest_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -140,6 +164,32 @@ class ModelSpec:
                               f"patch size {self.patch_size} only; use {self.patch_size} or rebuild the graphs")
         return tuple((size // 2) // s for s in self.patch_strides)
 
+    def vjp_full_slots(self, layers=None, parameter: str = "layers") -> tuple:
+        """The cotangent index k (position in ``vjp_full_layers``) of each layer in ``layers``
+        (indices into :attr:`layers`; default: all of ``vjp_full_layers``, giving 0 .. K-1).
+        Dense Jacobian mode calls this first: it raises ConfigError (naming ``parameter``) when
+        the model has no full-volume VJP graph, when its file is missing, or when a layer is not
+        one the graph takes a cotangent for. Checked here, not when the manifest is read, so that
+        a model without the graph still runs in the other modes."""
+        if self.vjp_full_path is None:
+            raise ConfigError(f"model '{self.name}' has no full-volume VJP graph (vjp_full_file in its manifest), so "
+                              "it cannot run in dense Jacobian mode; use static or Jacobian mode or build the graph "
+                              "with `fastimpact models build`")
+        if not self.vjp_full_path.is_file():
+            raise ConfigError(f"model '{self.name}': its manifest names the vjp_full_file '{self.vjp_full_path}', "
+                              f"which does not exist; put the graph there or fix 'vjp_full_file' in "
+                              f"{self.manifest_path}")
+        if layers is None:
+            return tuple(range(len(self.vjp_full_layers)))
+        wanted = list(layers)
+        bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, (int, np.integer))
+               or int(i) not in self.vjp_full_layers]
+        if bad:
+            have = ", ".join(f"{i} ({self.layers[i].name})" for i in self.vjp_full_layers)
+            raise ConfigError(f"{parameter}={wanted!r} for model '{self.name}': layer(s) {bad} have no cotangent in "
+                              f"its full-volume VJP graph, which takes layers {have}; choose among those")
+        return tuple(self.vjp_full_layers.index(int(i)) for i in wanted)
+
     def to_dict(self) -> dict:
         return {
             "name": self.name, "file": self.path.name, "description": self.description,
@@ -155,6 +205,8 @@ class ModelSpec:
                 "patch_size": self.patch_size, "patch_size_fixed": self.patch_size_fixed}
                if self.patch_path is not None else {}),
             **({"vjp_file": str(self.vjp_path)} if self.vjp_path is not None else {}),
+            **({"vjp_full_file": str(self.vjp_full_path), "vjp_full_layers": list(self.vjp_full_layers)}
+               if self.vjp_full_path is not None else {}),
         }
 
 
@@ -208,6 +260,7 @@ def _spec_from_manifest(data: dict, manifest_path: Path) -> ModelSpec:
     if not path.is_file():
         raise ConfigError(f"{where} names the model file '{path}', which does not exist; fix 'file'")
     patch = _patch_fields(data, manifest_path, specs, where)
+    patch.update(_vjp_full_fields(data, manifest_path, specs, where))
     return ModelSpec(
         name=str(data["name"]), path=path, dimension=dim,
         input_channels=positive_int("input_channels", data["input_channels"]), layers=tuple(specs),
@@ -236,9 +289,7 @@ def _patch_fields(data: dict, manifest_path: Path, layers: list, where: str) -> 
         return (manifest_path.parent / value).resolve()
 
     idx = data.get("patch_layers")
-    if (not isinstance(idx, list) or not idx
-            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(layers) for i in idx)
-            or any(b <= a for a, b in zip(idx, idx[1:]))):
+    if not _layer_indices(idx, len(layers)):
         raise ConfigError(f"{where}: patch_layers={idx!r} must be a non-empty increasing list of layer indices "
                           f"in 0..{len(layers) - 1} (the layers the patch graphs output, in order)")
     size = data.get("patch_size")
@@ -249,6 +300,31 @@ def _patch_fields(data: dict, manifest_path: Path, layers: list, where: str) -> 
         raise ConfigError(f"{where}: patch_size_fixed={fixed!r} must be true or false")
     return {"patch_path": graph("patch_file"), "vjp_path": graph("vjp_file") if data.get("vjp_file") is not None else None,
             "patch_layers": tuple(idx), "patch_size": size, "patch_size_fixed": fixed}
+
+
+def _layer_indices(value, n_layers: int) -> bool:
+    """Whether ``value`` is a non-empty increasing list of layer indices in 0 .. n_layers - 1."""
+    return (isinstance(value, list) and bool(value)
+            and all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < n_layers for i in value)
+            and all(b > a for a, b in zip(value, value[1:])))
+
+
+def _vjp_full_fields(data: dict, manifest_path: Path, layers: list, where: str) -> dict:
+    """The optional dense-Jacobian fields of a manifest (see the module docstring), validated; the
+    file's existence is checked when dense mode asks for it (:meth:`ModelSpec.vjp_full_slots`)."""
+    value, idx = data.get("vjp_full_file"), data.get("vjp_full_layers")
+    if value is None:
+        if idx is not None:
+            raise ConfigError(f"{where}: vjp_full_layers given without vjp_full_file; add the full-volume VJP graph "
+                              "(vjp_full_file) or remove vjp_full_layers")
+        return {}
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: vjp_full_file={value!r} must be the file name of an ONNX graph")
+    if not _layer_indices(idx, len(layers)):
+        raise ConfigError(f"{where}: vjp_full_layers={idx!r} must be a non-empty increasing list of layer indices "
+                          f"in 0..{len(layers) - 1} (the layers whose cotangents the full-volume VJP graph takes, "
+                          "in order)")
+    return {"vjp_full_path": (manifest_path.parent / value).resolve(), "vjp_full_layers": tuple(idx)}
 
 
 def _read_manifest(path: Path) -> ModelSpec:
@@ -340,9 +416,31 @@ def _validate_patch_graphs(spec: ModelSpec) -> None:
             raise ConfigError(f"model '{spec.name}': VJP input '{i.name}' has shape {i.shape}, expected [B, {c}]")
 
 
+def _validate_vjp_full_graph(spec: ModelSpec) -> None:
+    """The full-volume VJP graph against the contract: input and output names, ranks, channels."""
+    spec.vjp_full_slots()  # the file exists
+    path = spec.vjp_full_path
+    sess = _open_session(path)
+    rank = spec.dimension + 2
+    channels = [spec.layers[i].channels for i in spec.vjp_full_layers]
+    names = [i.name for i in sess.get_inputs()]
+    expected = ["image"] + [f"cotangent_{k}" for k in range(len(channels))]
+    outs = sess.get_outputs()
+    if names != expected or [o.name for o in outs] != ["grad"]:
+        raise ConfigError(f"model '{spec.name}': '{path.name}' takes {names} and gives {[o.name for o in outs]}; "
+                          f"the contract of vjp_full_file is {expected} -> ['grad']")
+    wanted = [("image", spec.input_channels), *[(f"cotangent_{k}", c) for k, c in enumerate(channels)],
+              ("grad", spec.input_channels)]
+    for arg, (name, c) in zip([*sess.get_inputs(), outs[0]], wanted):
+        dims = arg.shape
+        if len(dims) != rank or (isinstance(dims[1], int) and dims[1] != c):
+            raise ConfigError(f"model '{spec.name}': '{path.name}' has {name} of shape {dims}; the manifest asks for "
+                              f"rank {rank} with {c} channel(s) [B, {c}, {', '.join(['...'] * spec.dimension)}]")
+
+
 def validate_with_runtime(spec: ModelSpec) -> None:
     """Check the ONNX file(s) against the manifest with ONNX Runtime (input rank, output count; the
-    patch graphs' names and shapes, see the module docstring)."""
+    patch and full-volume VJP graphs' names and shapes, see the module docstring)."""
     sess = _open_session(spec.path)
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != spec.dimension + 2:
@@ -353,3 +451,5 @@ def validate_with_runtime(spec: ModelSpec) -> None:
                           f"{len(spec.layers)} layers; list one layer per output, in order")
     if spec.patch_path is not None:
         _validate_patch_graphs(spec)
+    if spec.vjp_full_path is not None:
+        _validate_vjp_full_graph(spec)

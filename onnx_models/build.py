@@ -1,17 +1,24 @@
-"""Build the ONNX graphs of a feature extractor: full forward, patch forward and its VJP.
+"""Build the ONNX graphs of a feature extractor: full forward, patch forward and its VJP, and the
+full-volume VJP.
 
 Needs ``torch``, ``onnx`` and ``onnxscript`` (the ``models`` extra); the graphs it writes need only
 ONNX Runtime. See :mod:`fastimpact.onnx_models` for the graph contract (``patch_file``,
-``vjp_file``, ``patch_layers``, ``patch_size``).
+``vjp_file``, ``patch_layers``, ``patch_size``, ``vjp_full_file``, ``vjp_full_layers``).
 
 How the graphs are made:
 
 * the *patch forward* (:func:`centre_module`) runs the network on ``[B, C_in, P, ..., P]``
   patches and keeps the centre voxel ``(P // 2) // stride_k`` of each patch layer: ``[B, C_k]``;
 * the *VJP* is ``grad = d(sum_k <centre_k(patches), cotangent_k>) / d patches`` (torch autograd,
-  :func:`vjp_reference`).
+  :func:`vjp_reference`);
+* the *full-volume VJP* (:func:`export_full_vjp`, dense Jacobian mode) is
+  ``grad = d(sum_k <layer_k(image), cotangent_k>) / d image`` on the whole image, the cotangents
+  shaped like the layers' outputs. torch.export needs the cotangents' sizes as functions of the
+  image's; ``ceil(n / stride)`` cannot be written as a (linear) derived Dim, so they are
+  ``Dim.AUTO`` and torch.export relates them itself (and the trace has no duck shaping: a size
+  equal to a channel count would otherwise be taken for that constant).
 
-Both are traced with ``make_fx`` (symbolic shapes, ``core_aten_decompositions``), which writes
+All are traced with ``make_fx`` (symbolic shapes, ``core_aten_decompositions``), which writes
 the backward pass as aten operators, and the traced graph is exported by
 ``torch.onnx.export(dynamo=True, opset 18)``.
 
@@ -39,7 +46,8 @@ Some backward operators have no ONNX translation in torch, or a slow one; they g
   - ``max_pool{2,3}d_with_indices`` and their backward: ONNX ``MaxPool`` indices (flat over the
     whole tensor) are used as they are, by a ``ScatterElements(add)`` on the flattened tensor
     (torch's translation converts them to per-plane indices with a second ``MaxPool``);
-  - ``avg_pool{2,3}d_backward``: the transposed box filter, through the same polyphase ``Conv``;
+  - ``avg_pool{2,3}d_backward``: the transposed box filter, through the same polyphase ``Conv``
+    (stride 1: ``AveragePool`` of the zero-padded gradient);
   - ``replication_pad{2,3}d_backward``: a ``ScatterElements(add)`` per axis;
   - ``slice_scatter`` (the backward of slicing): ``Slice`` + ``Concat`` instead of the
     exporter's ``ScatterND`` with transposes;
@@ -78,6 +86,7 @@ OPSET = 18
 __all__ = [
     "centre_module", "export_patch_forward", "export_vjp", "export_full_forward", "vjp_reference",
     "check_graphs", "export_patch_graphs", "time_graphs", "build_model", "load_user_network", "torchscript_network",
+    "export_full_vjp", "check_full_vjp", "full_vjp_example", "time_full_vjp",
 ]
 
 
@@ -192,6 +201,13 @@ def _translations():
             stride = [int(k) for k in stride] if len(stride) else kernel
             stride = stride * (nd if len(stride) == 1 else 1)
             padding = [int(k) for k in padding] * (nd if len(padding) == 1 else 1)
+            margins = [k - 1 - p for k, p in zip(kernel, padding)]
+            if all(s == 1 for s in stride) and not divisor_override and (count_include_pad or not any(padding)) \
+                    and min(margins) >= 0:
+                # stride 1 (MIND's box mean): the transpose is the same box over the gradient padded
+                # with k - 1 - p zeros, i.e. ONNX AveragePool (5x faster than a Conv with k^3 taps)
+                g = op.Pad(grad_output, ints([0, 0, *margins, 0, 0, *margins]))
+                return op.AveragePool(g, kernel_shape=kernel, strides=[1] * nd, count_include_pad=1)
             ones = op.Constant(value=onnxscript.ir.tensor(np.ones([1, 1, *kernel], dtype=np.float32)))
             if divisor_override:
                 g = op.Div(grad_output, op.Constant(value_float=float(divisor_override)))
@@ -754,9 +770,12 @@ def export_patch_forward(centre, path, example, layer_names, fixed_patch: bool =
                    doc or "patch forward: centre voxel of each patch layer")
 
 
-def _trace(fn, args):
-    """``fn`` as an FX graph of core aten operators, shapes symbolic (dynamic batch and size)."""
+def _trace(fn, args, duck_shape: bool = True):
+    """``fn`` as an FX graph of core aten operators, shapes symbolic (dynamic batch and size).
+    ``duck_shape=False``: every input size gets its own symbol even where two are equal (by default
+    equal sizes share one, and a size equal to a channel count becomes that constant)."""
     import torch
+    import torch.fx.experimental._config as fx_config
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -766,7 +785,7 @@ def _trace(fn, args):
                                                   groups)
 
     table = {**core_aten_decompositions(), torch.ops.aten._convolution.default: convolution}
-    with _quiet():
+    with _quiet(), fx_config.patch(use_duck_shape=duck_shape):
         return make_fx(fn, decomposition_table=table, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
 
 
@@ -964,8 +983,171 @@ def time_graphs(patch_path, vjp_path, patch_size: int, in_channels: int, channel
 
 
 # ----------------------------------------------------------------------------------------------
+# the full-volume VJP (dense Jacobian mode)
+# ----------------------------------------------------------------------------------------------
+
+def full_vjp_example(in_channels: int, n_spatial: int, base: int, size_multiple: int = 1, seed: int = 1):
+    """An example input for :func:`export_full_vjp`: ``[2, C_in, n_0, n_1, ...]`` random normal,
+    sizes ``size_multiple * (ceil(base / size_multiple) + a)`` on axis a: batch 2 and a distinct size
+    per axis, so that the tracer cannot take a size for a constant (1) or tie two axes together."""
+    import torch
+
+    m = max(1, int(size_multiple))
+    first = max(2, -(-int(base) // m))
+    sizes = [m * (first + a) for a in range(n_spatial)]
+    return torch.randn(2, in_channels, *sizes, generator=torch.Generator().manual_seed(seed))
+
+
+def _full_vjp_dims(n_spatial: int, size_multiple: int, n_cotangents: int):
+    """Dynamic shapes of the full VJP's inputs: batch ``B`` shared; the image's spatial axes
+    ``Dim.DYNAMIC`` (the network may need a minimum size, which a plain Dim would have to state)
+    or, with a ``size_multiple``, ``size_multiple * d<a>``; the cotangents' spatial sizes
+    ``Dim.AUTO``: torch.export relates them to the image's itself (``ceil(n / stride)`` and the
+    like cannot be written as a derived Dim, which is linear)."""
+    import torch
+
+    batch = torch.export.Dim("B", min=1, max=1 << 20)
+    m = int(size_multiple)
+    if m > 1:
+        image = {a: m * torch.export.Dim(f"d{a - 2}", min=1, max=(1 << 14) // m) for a in range(2, 2 + n_spatial)}
+    else:
+        image = {a: torch.export.Dim.DYNAMIC for a in range(2, 2 + n_spatial)}
+    auto = torch.export.Dim.AUTO
+    return ({0: batch, **image},) + tuple({0: batch, **{a: auto for a in range(2, 2 + n_spatial)}}
+                                          for _ in range(n_cotangents))
+
+
+def _name_full_vjp_axes(model, n_spatial: int) -> None:
+    """Name the symbolic spatial axes after the contract (the exporter calls them s0, s1, ...):
+    the image's ``D<a>``, a cotangent's ``D<a>_c<k>`` where it is not the image's own (a stride-1
+    layer's is); also inside the size expressions of the intermediate values."""
+    import re
+
+    def dims(value):
+        return value.type.tensor_type.shape.dim
+
+    symbol = re.compile(r"^s\d+$")
+    renames = {}
+    for a, d in enumerate(dims(model.graph.input[0])[2:2 + n_spatial]):
+        if symbol.match(d.dim_param) and d.dim_param not in renames:
+            renames[d.dim_param] = f"D{a}"
+    for k, inp in enumerate(model.graph.input[1:]):
+        for a, d in enumerate(dims(inp)[2:2 + n_spatial]):
+            if symbol.match(d.dim_param) and d.dim_param not in renames:
+                renames[d.dim_param] = f"D{a}_c{k}"
+    if not renames:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in dims(value):
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda mt: renames[mt.group(1)], d.dim_param)
+
+
+def export_full_vjp(features, path, example, channels, strides, size_multiple: int = 1, doc: str = ""):
+    """Write the full-volume VJP graph of dense Jacobian mode (contract: ``vjp_full_file`` in
+    :mod:`fastimpact.onnx_models`): inputs ``image`` [B, C_in, *spatial] and ``cotangent_k`` shaped
+    like layer k's output, output ``grad`` [B, C_in, *spatial] =
+    ``d(sum_k <features(image)_k, cotangent_k>) / d image``; batch and spatial sizes dynamic
+    (multiples of ``size_multiple``).
+
+    ``features``: ``image -> tuple of the K feature maps`` (the ``vjp_full_layers``, in order),
+    ``channels`` / ``strides`` theirs (checked on ``example``). ``example``: ``[B >= 2, C_in, ...]``
+    with a distinct size (>= 2, a multiple of ``size_multiple``) per axis (see
+    :func:`full_vjp_example`). Traced with make_fx (the backward as aten operators) and exported
+    by ``torch.onnx.export(dynamo=True)`` like the patch VJP (:func:`_trace`, :func:`_export`).
+    Returns the ONNX model."""
+    import torch
+
+    n_sp = example.dim() - 2
+    sizes = [int(n) for n in example.shape[2:]]
+    m = int(size_multiple)
+    if example.shape[0] < 2 or len(set(sizes)) < n_sp or min(sizes) < 2 or any(n % m for n in sizes):
+        raise ValueError(f"example {list(example.shape)}: give batch >= 2 and distinct spatial sizes >= 2, multiples "
+                         f"of size_multiple={m} (full_vjp_example makes one)")
+    for p in features.parameters():
+        p.requires_grad_(False)  # input gradient only: no weight gradients in the graph
+
+    def layers(image):
+        return _as_tuple(features(image))
+
+    with torch.no_grad():
+        outs = layers(example)
+    if len(outs) != len(channels) or len(strides) != len(channels):
+        raise RuntimeError(f"the network gives {len(outs)} feature maps for {len(channels)} channels and "
+                           f"{len(strides)} strides")
+    for k, (o, c, s) in enumerate(zip(outs, channels, strides)):
+        # floor or ceil of n / s: the network's own rounding, which the cotangents follow
+        if o.dim() != n_sp + 2 or o.shape[1] != int(c) or any(abs(int(s) * j - n) >= int(s)
+                                                               for j, n in zip(o.shape[2:], sizes)):
+            raise RuntimeError(f"layer {k} gives {list(o.shape)} on {list(example.shape)}, not {c} channels at "
+                               f"stride {s}")
+    g = torch.Generator().manual_seed(0)
+    cots = [torch.randn(o.shape, generator=g) for o in outs]
+    # no duck shaping: image and cotangent sizes may coincide with each other or a channel count
+    gm = _trace(lambda image, *c: vjp_reference(layers, image, c), (example, *cots), duck_shape=False)
+    names = ["image"] + [f"cotangent_{k}" for k in range(len(cots))]
+    text = doc or "full-volume VJP: grad = d(sum_k <layer_k(image), cotangent_k>) / d image"
+    model = _export(gm, (example, *cots), Path(path), names, ["grad"], _full_vjp_dims(n_sp, m, len(cots)), text)
+    _name_full_vjp_axes(model, n_sp)
+    _finish(model, Path(path), text)
+    return model
+
+
+def check_full_vjp(features, path, shapes, seed: int = 0, reference=None) -> float:
+    """ONNX Runtime's full-volume VJP (``path``) against torch autograd of ``reference`` (default
+    ``features``; ``image -> tuple of the K feature maps``) on random normal images of each shape in
+    ``shapes`` (``[B, C_in, *spatial]``), torch run one batch item at a time (a graph that mixes
+    the items fails). Returns the max relative error (max |a - b| / max |b|); raises RuntimeError
+    above 1e-4 or on a wrong output shape."""
+    import torch
+
+    reference = features if reference is None else reference
+
+    def layers(image):
+        return _as_tuple(reference(image))
+
+    sess = _ort_session(path)
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for shape in shapes:
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            outs = layers(x)
+        cots = [torch.randn(o.shape, generator=g) for o in outs]
+        want = torch.cat([vjp_reference(layers, x[i:i + 1], [c[i:i + 1] for c in cots]) for i in range(len(x))])
+        got = sess.run(None, {"image": x.numpy(), **{f"cotangent_{k}": c.numpy() for k, c in enumerate(cots)}})[0]
+        if got.shape != tuple(x.shape):
+            raise RuntimeError(f"the full-volume VJP graph gives {list(got.shape)} for an image of {list(x.shape)}")
+        worst = max(worst, _rel(got, want.numpy()))
+    if worst > 1e-4:
+        raise RuntimeError(f"the exported full-volume VJP graph does not reproduce torch (max rel. error {worst:.1e})")
+    return worst
+
+
+def time_full_vjp(path, shape, channels, strides, threads: int = 2, repeats: int = 3) -> float:
+    """Seconds per ONNX Runtime call (best of ``repeats``, CPU, ``threads`` threads) of the
+    full-volume VJP on an image of ``shape`` [B, C_in, *spatial]; the cotangents are sized
+    ``ceil(n / stride)`` (the built-in models' rounding)."""
+    import time
+
+    sess = _ort_session(path, threads)
+    rng = np.random.default_rng(0)
+    feeds = {"image": rng.normal(size=shape).astype(np.float32)}
+    for k, (c, s) in enumerate(zip(channels, strides)):
+        feeds[f"cotangent_{k}"] = rng.normal(size=(shape[0], c, *[-(-n // s) for n in shape[2:]])).astype(np.float32)
+    sess.run(None, feeds)  # warm-up: allocations, thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
 # `fastimpact models build`: a user's network -> <name>.onnx, <name>_patch.onnx, <name>_vjp.onnx,
-# <name>.json
+# <name>_vjp_full.onnx, <name>.json
 # ----------------------------------------------------------------------------------------------
 
 _TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
@@ -1320,7 +1502,7 @@ def _patch_failure(network, exc, script_net, what: str = "patch graphs") -> str:
     reason = f"{type(exc).__name__}: {text[:300]}"
     if any(k in text for k in ("invalid dimensions", "Constraints violated", "specializ", "cannot be reshaped")):
         reason = f"the traced graph fixes the batch or patch size; {reason}"
-    fix = "or build a static-mode model with --static-only" if what == "patch graphs" else ""
+    fix = "or build a static-mode model with --static-only" if what != "full graph" else ""
     if "transposed convolution" in text:
         fix = f"select encoder layers (submodule names in --layers, or --submodule), {fix}"
     elif script_net is not None and script_net.unsupported:
@@ -1344,17 +1526,18 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
                 random_weights: bool = False, static_only: bool = False) -> dict:
     """Convert a user's network into fastimpact's model files in ``out_dir``: ``<name>.onnx``
     (full forward, the selected layers), ``<name>_patch.onnx`` and ``<name>_vjp.onnx`` (Jacobian
-    mode, :mod:`fastimpact.onnx_models` contract) and the manifest ``<name>.json``; every graph
+    mode), ``<name>_vjp_full.onnx`` (dense Jacobian mode: the full-volume VJP of all selected
+    layers; :mod:`fastimpact.onnx_models` contract) and the manifest ``<name>.json``; every graph
     is checked against torch with ONNX Runtime. ``layers``: output indices of the network (or of
     ``submodule``) or dotted submodule names; ``patch_layers``: indices into ``layers`` for patch
     mode (default: all); ``patch_size`` default: the smallest odd valid size with at least
     ``2 * lcm(strides)`` voxels of context. A TorchScript network (scripted or traced) runs node
     by node in Python (:func:`torchscript_network`) so that the traced graphs keep the batch and
     patch size dynamic; the checks compare with the ScriptModule itself. ``static_only``: no
-    patch graphs (the model serves static mode only). A network whose patch graphs cannot be
+    patch or full-volume VJP graphs (the model serves static mode only). A network whose patch graphs cannot be
     made raises ConfigError (with the reason and the fix). Returns the manifest plus
-    ``"checks"`` (max rel. errors), ``"files"`` and ``"patch_error"`` (``None``, or why there are
-    no patch graphs)."""
+    ``"checks"`` (max rel. errors: ``full``, ``forward``, ``vjp``, ``full_centre``, ``vjp_full``),
+    ``"files"`` and ``"patch_error"`` (``None``, or why there are no patch graphs)."""
     import torch
 
     from . import NORMALIZATIONS, load_model_spec, valid_patch_sizes, validate_with_runtime
@@ -1370,7 +1553,7 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
         raise ConfigError(f"in_channels={in_channels!r} must be a positive integer")
     if not layers:
         raise ConfigError("layers is empty: give the network outputs to expose, e.g. 0,1,2 (indices) or module names")
-    files = {k: out_dir / f"{name}{k}" for k in (".onnx", "_patch.onnx", "_vjp.onnx", ".json")}
+    files = {k: out_dir / f"{name}{k}" for k in (".onnx", "_patch.onnx", "_vjp.onnx", "_vjp_full.onnx", ".json")}
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not force:
         raise ConfigError(f"output file(s) {', '.join(existing)} exist; use --force to overwrite or another --name")
@@ -1445,6 +1628,23 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
             for key in ("_patch.onnx", "_vjp.onnx", ".onnx"):
                 files[key].unlink(missing_ok=True)
             raise ConfigError(_patch_failure(network, exc, features.base if scripted else None)) from None
+        # dense Jacobian mode: the full-volume VJP of every selected layer, checked at two sizes
+        # (batch 2 and 1) that are not the traced example's
+        p = int(probe_size)
+        shapes = [(2, in_channels, *[p + 3 - a for a in range(n_sp)]),
+                  (1, in_channels, *[p + 5 - 2 * a for a in range(n_sp)])]
+        try:
+            export_full_vjp(features, files["_vjp_full.onnx"], full_vjp_example(in_channels, n_sp, p), channels,
+                            strides, doc=f"{name} full-volume VJP: inputs image [B, {in_channels}, ...], cotangent_k "
+                                         f"shaped like layer k ({', '.join(names)}); output grad = "
+                                         "d(sum_k <layer_k(image), cotangent_k>) / d image")
+            patch_info["errors"]["vjp_full"] = check_full_vjp(features, files["_vjp_full.onnx"], shapes,
+                                                              reference=reference)
+        except Exception as exc:  # as above
+            for key in ("_patch.onnx", "_vjp.onnx", "_vjp_full.onnx", ".onnx"):
+                files[key].unlink(missing_ok=True)
+            raise ConfigError(_patch_failure(network, exc, features.base if scripted else None,
+                                             "full-volume VJP graph")) from None
 
     manifest = {
         "name": name, "file": files[".onnx"].name,
@@ -1461,7 +1661,8 @@ def build_model(network, out_dir, name: str, layers, *, weights=None, entry: str
     }
     if patch_error is None:
         manifest.update({"patch_file": patch_info["patch_file"], "vjp_file": patch_info["vjp_file"],
-                         "patch_layers": patch_idx, "patch_size": int(patch_size), "patch_size_fixed": False})
+                         "patch_layers": patch_idx, "patch_size": int(patch_size), "patch_size_fixed": False,
+                         "vjp_full_file": files["_vjp_full.onnx"].name, "vjp_full_layers": list(range(len(geo)))})
     files[".json"].write_text(json.dumps(manifest, indent=2) + "\n")
     validate_with_runtime(load_model_spec(files[".json"]))
     return {**manifest, "checks": {"full": full_err, **patch_info["errors"]}, "patch_error": patch_error,

@@ -341,3 +341,16 @@ def test_models_list_names_builtins(capsys):
     assert "deepbet" in names and "mind-r1d2" in names and "mind-r2d1" in names
     deepbet = next(line for line in out.splitlines() if line.startswith("deepbet"))
     assert "s0:16ch/s2" in deepbet and "s1:16ch/s4" in deepbet
+
+
+def test_register_dense_jacobian_mode_with_precision(pair, tmp_path, capsys):
+    out = tmp_path / "dense"
+    code, stdout, err = run(["register", *pair, "-o", out, *QUICK, "--metric", "impact", "--mode", "jacobian-dense",
+                             "--precision", "tf32", "--json"], capsys)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    cfg = report(out)["config"]
+    assert cfg["mode"] == "jacobian-dense" and cfg["precision"] == "tf32"
+    # precision without the impact metric is a one-line error
+    code, _, err = run(["register", *pair, "-o", tmp_path / "p", "--metric", "mse", "--precision", "fp16"], capsys)
+    assert_one_line_error(code, err, ["--precision", "impact"])

@@ -1,9 +1,10 @@
 """`fastimpact models build` (cli/models_build.py, onnx_models/build.py): an nnU-Net encoder
 (dynamic-network-architectures PlainConvUNet, random weights), a Python-file network and
 TorchScript files (scripted and traced: the encoder stages of a segmentation network, run node by
-node) converted to ONNX; the graphs against torch (the Python network the TorchScript came from)
-and the VJP against finite differences; networks that fix their sizes are refused. Needs torch,
-onnxscript and dynamic-network-architectures (the models extra): skipped without them."""
+node) converted to ONNX; the graphs (full, patch, VJP, full-volume VJP) against torch (the Python
+network the TorchScript came from) and the VJPs against finite differences; networks that fix
+their sizes are refused. Needs torch, onnxscript and dynamic-network-architectures (the models
+extra): skipped without them."""
 
 import copy
 import json
@@ -57,6 +58,20 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def full_vjp_against_torch(spec, layers_fn, shape, seed=0):
+    """The model's full-volume VJP graph against torch autograd of ``layers_fn`` (image -> the
+    vjp_full layers) on a random image of ``shape``: max rel. error."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    with torch.no_grad():
+        maps = layers_fn(x)
+    cots = [torch.randn(m.shape, generator=g) for m in maps]
+    grad = session(spec.vjp_full_path).run(None, {"image": x.numpy(),
+                                                  **{f"cotangent_{k}": c.numpy() for k, c in enumerate(cots)}})[0]
+    assert grad.shape == tuple(shape)
+    return rel(grad, vjp_reference(layers_fn, x, cots).numpy())
+
+
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory):
     pytest.importorskip("dynamic_network_architectures", reason="pip install dynamic-network-architectures")
@@ -85,6 +100,8 @@ def test_nnunet_encoder_manifest(nnunet):
         ("e0", 4, 1, 5), ("e1", 8, 2, 11), ("e2", 16, 4, 23)]  # two 3^3 convs per stage
     assert spec.global_normalization and spec.receptive_field == 23 and spec.normalization == "zscore"
     assert spec.patch_layers == (0, 1, 2) and spec.patch_size == 9 and spec.patch_centres(17) == (8, 4, 2)
+    assert spec.vjp_full_layers == (0, 1, 2) and spec.vjp_full_path == (folder / "out" / "unet_vjp_full.onnx").resolve()
+    assert set(info["checks"]) == {"full", "forward", "vjp", "full_centre", "vjp_full"}
     assert max(info["checks"].values()) < 1e-4
     with pytest.raises(ConfigError, match="use one of 8, 9, 16, 17"):
         spec.patch_centres(11)
@@ -113,6 +130,9 @@ def test_nnunet_graphs_agree_with_torch(nnunet):
         grad = session(spec.vjp_path).run(None, {"patches": p.numpy(),
                                                  **{f"cotangent_{i}": c.numpy() for i, c in enumerate(cots)}})[0]
         assert rel(grad, vjp_reference(centre_torch, p, cots).numpy()) < 1e-4
+    # the full-volume VJP at sizes the build did not check (odd: cotangents of ceil(n / stride))
+    for shape in ((2, 1, 19, 24, 21), (1, 1, 14, 11, 17)):
+        assert full_vjp_against_torch(spec, net.encoder, shape) < 1e-4
 
 
 NET_PY = '''
@@ -146,6 +166,18 @@ def test_python_network_with_a_hooked_submodule_layer(tmp_path):
     full = session(tmp_path / "tiny.onnx").run(None, {"image": x.numpy()})
     for got, ref in zip(full, (a, c2, pooled)):
         assert rel(got, ref.numpy()) < 1e-4
+    # the full-volume VJP of all three layers; the max pool rounds down (13 -> 7 -> 3)
+    spec = load_model_spec(tmp_path / "tiny.json")
+    assert spec.vjp_full_layers == (0, 1, 2) and info["checks"]["vjp_full"] < 1e-4
+
+    def layers(image):
+        h = model.c1(image)
+        a = torch.relu(torch.instance_norm(h, None, None, None, None, True, 0.1, 1e-5, True))
+        c2 = model.c2(a)
+        return a, c2, torch.nn.functional.max_pool3d(torch.nn.functional.gelu(c2), 2)
+
+    for shape in ((2, 1, 13, 12, 15), (1, 1, 9, 16, 11)):
+        assert full_vjp_against_torch(spec, layers, shape) < 1e-4
     with pytest.raises(ConfigError, match="exist; use --force"):
         build_model(tmp_path / "net.py", tmp_path, "tiny", ["0"])
 
@@ -163,6 +195,7 @@ def test_torchscript_static_only_model(tmp_path):
     spec = load_model_spec(tmp_path / "o" / "ts.json")
     validate_with_runtime(spec)
     assert spec.patch_path is None and not (tmp_path / "o" / "ts_vjp.onnx").exists()
+    assert spec.vjp_full_path is None and not (tmp_path / "o" / "ts_vjp_full.onnx").exists()
     x = torch.randn(2, 1, 13, 18, 11)
     with torch.no_grad():
         ref = model(x)
@@ -258,7 +291,8 @@ def test_torchscript_encoder_stages_give_patch_graphs(unet, kind, tmp_path):
                       "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output[result.output.index("{"):])
-    assert set(info["checks"]) == {"full", "forward", "vjp", "full_centre"} and max(info["checks"].values()) < 1e-4
+    assert set(info["checks"]) == {"full", "forward", "vjp", "full_centre", "vjp_full"}
+    assert max(info["checks"].values()) < 1e-4
     spec = load_model_spec(tmp_path / "ts.json")
     validate_with_runtime(spec)
     # fields measured with the norm operators dropped (the hand-made group norm stays: global)
@@ -294,6 +328,51 @@ def test_torchscript_encoder_stages_give_patch_graphs(unet, kind, tmp_path):
 
     fd = (objective(p.double() + eps * v) - objective(p.double() - eps * v)) / (2 * eps)
     assert abs(float((torch.from_numpy(grad).double() * v).sum()) - fd) < 1e-4 * max(abs(fd), 1.0)
+    # the full-volume VJP: against autograd, and against finite differences of the float64 encoder
+    assert full_vjp_against_torch(spec, lambda q: encoder_stages(model, q), (2, 1, 13, 9, 11)) < 1e-4
+    x = torch.randn(1, 1, 11, 14, 9, generator=g)
+    cots = [torch.randn(m.shape, generator=g) for m in encoder_stages(model, x)]
+    grad = session(spec.vjp_full_path).run(None, {"image": x.numpy(),
+                                                  **{f"cotangent_{i}": c.numpy() for i, c in enumerate(cots)}})[0]
+
+    def whole(q):
+        with torch.no_grad():
+            return float(sum((f * c.double()).sum() for f, c in zip(encoder_stages(model64, q), cots)))
+
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fd = (whole(x.double() + eps * v) - whole(x.double() - eps * v)) / (2 * eps)
+    assert abs(float((torch.from_numpy(grad).double() * v).sum()) - fd) < 1e-4 * max(abs(fd), 1.0)
+
+
+def test_full_vjp_export_with_a_size_multiple(tmp_path):
+    """export_full_vjp with size_multiple 4 (derived image Dims 4 d) on a network of strides 2 and
+    4 whose cotangents are then n / 2 and n / 4: ONNX Runtime against autograd at sizes and
+    batches other than the traced example's."""
+    torch.manual_seed(0)
+    conv1 = torch.nn.Conv3d(2, 3, 3, stride=2, padding=1)
+    conv2 = torch.nn.Conv3d(3, 5, 3, stride=2, padding=1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = conv1, conv2
+
+        def forward(self, x):
+            a = torch.tanh(self.conv1(x))
+            return a, self.conv2(a)
+
+    net = Net().eval()
+    example = build.full_vjp_example(2, 3, 9, size_multiple=4)
+    assert list(example.shape) == [2, 2, 12, 16, 20]
+    model = build.export_full_vjp(net, tmp_path / "m.onnx", example, [3, 5], [2, 4], size_multiple=4)
+    image_dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert image_dims == ["B", 2, "4*d0", "4*d1", "4*d2"]
+    err = build.check_full_vjp(net, tmp_path / "m.onnx", [(3, 2, 8, 28, 12), (1, 2, 16, 4, 24)])
+    assert err < 1e-4
+    with pytest.raises(ValueError, match="multiples of size_multiple=4"):
+        build.export_full_vjp(net, tmp_path / "x.onnx", torch.randn(2, 2, 12, 14, 16), [3, 5], [2, 4], size_multiple=4)
+    with pytest.raises(RuntimeError, match="not 4 channels at stride 2"):
+        build.export_full_vjp(net, tmp_path / "x.onnx", example, [4, 5], [2, 4], size_multiple=4)
 
 
 FROZEN_PY = '''

@@ -236,7 +236,7 @@ class FeatureExtractor:
         self.spec = spec
         self.graph = graph
         self.path = {"full": spec.path, "patch": getattr(spec, "patch_path", None),
-                     "vjp": getattr(spec, "vjp_path", None)}[graph]
+                     "vjp": getattr(spec, "vjp_path", None), "vjp_full": getattr(spec, "vjp_full_path", None)}[graph]
         self.threads = int(threads or os.cpu_count() or 1)
         self.providers = tuple(providers)
         self.precision = precision
@@ -280,7 +280,7 @@ class FeatureExtractor:
                                       "re-export the model") from None
                 n_out = len(sess.get_outputs())
                 expected = {"full": len(self.spec.layers), "patch": len(getattr(self.spec, "patch_layers", ()) or ()),
-                            "vjp": 1}[self.graph]
+                            "vjp": 1, "vjp_full": 1}[self.graph]
                 if n_out != expected:
                     raise ConfigError(f"model '{self.spec.name}': the {self.graph} ONNX graph has {n_out} outputs but "
                                       f"its manifest implies {expected}; fix the manifest")
