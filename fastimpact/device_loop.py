@@ -97,7 +97,7 @@ def optimise_on_device(cost, iterations: int, lv, cfg, callback, stage: str, li:
 
     from .kernels import cuda_loop, get_kernel
     from .optimizers import ASGD
-    from .registration import MIN_VALID_FRACTION, MIN_VALID_POINTS, STEP_LIMIT, _estimate_asgd
+    from .registration import MIN_VALID_FRACTION, MIN_VALID_POINTS, STEP_LIMIT, _estimate_asgd, level_report
 
     t0 = time.perf_counter()
     settings, params = _estimate_asgd(cost, iterations, max_step, cfg.seed + 7919 * li, cfg.asgd_estimation)
@@ -170,23 +170,5 @@ def optimise_on_device(cost, iterations: int, lv, cfg, callback, stage: str, li:
             callback("iteration", {"stage": stage, "level": li, "iteration": it, "value": value})
     if bspline:
         tr.coef = coef.copy_to_host()
-    elapsed = time.perf_counter() - t0
-    return {
-        "stage": stage,
-        "level": li + 1,
-        "image_shape": list(lv.fixed.shape),
-        "spacing_mm": [round(float(s), 4) for s in lv.fixed.spacing],
-        "iterations": iterations,
-        "n_parameters": cost.n_params,
-        "metric_start": float(values[0]),
-        "metric_end": float(values[-1]),
-        "metric_end_mean10": float(values[-10:].mean()),
-        "valid_samples_last": cost.last_valid,
-        "clipped_steps": clipped,
-        "time_s": round(elapsed, 4),
-        "estimation_time_s": round(t_est, 4),
-        "loop": "device",
-        "asgd": {"a": params.a, "A": params.A, "alpha": params.alpha, "f_max": params.f_max,
-                 "f_min": params.f_min, "omega": params.omega, "final_time": opt.time,
-                 **{k: float(v) for k, v in params.info.items()}},
-    }
+    return level_report(cost, lv, stage, li, iterations, values, clipped, time.perf_counter() - t0, t_est, params, opt,
+                        loop="device")

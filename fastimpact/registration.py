@@ -808,8 +808,15 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
         cost.set_parameters(theta)
         if callback:
             callback("iteration", {"stage": stage, "level": li, "iteration": k, "value": value})
-    elapsed = time.perf_counter() - t0
-    info = {
+    info = level_report(cost, lv, stage, li, iterations, values, clipped, time.perf_counter() - t0, t_est, params, opt)
+    if callback:
+        callback("level_end", {**info, "transform": cost.transform})
+    return info
+
+
+def level_report(cost, lv, stage, li, iterations, values, clipped, elapsed, t_est, params, opt, **extra) -> dict:
+    """The report entry of one optimised level (both the host and the GPU-resident loop)."""
+    return {
         "stage": stage,
         "level": li + 1,
         "image_shape": list(lv.fixed.shape),
@@ -823,13 +830,11 @@ def _optimise(cost: CostFunction, iterations: int, lv: LevelData, cfg: Registrat
         "clipped_steps": clipped,
         "time_s": round(elapsed, 4),
         "estimation_time_s": round(t_est, 4),
+        **extra,
         "asgd": {"a": params.a, "A": params.A, "alpha": params.alpha, "f_max": params.f_max,
                  "f_min": params.f_min, "omega": params.omega, "final_time": opt.time,
                  **{k: float(v) for k, v in params.info.items()}},
     }
-    if callback:
-        callback("level_end", {**info, "transform": cost.transform})
-    return info
 
 
 def _initial_affine(fixed: Image, moving: Image, fmask, mmask, mode: str):
