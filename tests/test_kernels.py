@@ -558,3 +558,16 @@ def test_prefilter_channels_matches_scipy(shape):
         idx = np.argwhere(np.ones(shape[:3], bool))[::11].astype(np.float64)
         vals = get_kernel("cubic_sample_channels_values", "cpu")(got, idx)
         np.testing.assert_allclose(vals, data[tuple(idx.astype(int).T)], atol=1e-4)
+
+
+def test_serial_twins_have_their_own_cache_entries():
+    """The single-threaded twin of a parallel kernel must not share the parallel kernel's on-disk
+    cache entry (Numba names entries by function name and line and keys them by signature, not by
+    the parallel flag: a shared entry made the parallel kernel load the serial code)."""
+    from fastimpact.kernels import cpu
+
+    for kernel in (cpu._k_cubic_sample, cpu._k_sample_patches_warped, cpu._k_random_indices):
+        twin = cpu._pick(kernel, 1)
+        assert twin is not kernel and cpu._pick(kernel, cpu.SERIAL_BELOW) is kernel
+        assert twin._cache._cache_file._index_name != kernel._cache._cache_file._index_name
+        assert twin.py_func.__code__ is kernel.py_func.__code__  # the same source
