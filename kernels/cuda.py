@@ -167,20 +167,14 @@ def _field_in(field, L, shape):
 
 
 # ----------------------------------------------------------------------------- device functions
-@_dev
-def _finite3(x, y, z):
-    # |v| < 1e15 is False for NaN and inf and keeps int(floor(v)) well defined.
-    return abs(x) < 1e15 and abs(y) < 1e15 and abs(z) < 1e15
-
-
-@_dev
-def _affine3(A, x, y, z):
-    """A[:3, :3] (x, y, z) + A[:3, 3] for A given as 12 floats (rows of a 4x4)."""
-    return (
-        A[0] * x + A[1] * y + A[2] * z + A[3],
-        A[4] * x + A[5] * y + A[6] * z + A[7],
-        A[8] * x + A[9] * y + A[10] * z + A[11],
-    )
+# the scalar device functions shared with cuda_features live in cuda_common
+_finite3 = _cc.finite3
+_affine3 = _cc.affine3
+_axis_mirror = _cc.axis_mirror
+_cubic_point = _cc.cubic_point
+_cubic_value = _cc.cubic_value
+_taps = _cc.taps
+_eval_point = _cc.eval_point
 
 
 @_dev
@@ -204,127 +198,9 @@ def _linear3_t(L, x, y, z):
 
 
 @_dev
-def _axis_mirror(x, n):
-    """Mirror-extended cubic taps of one coordinate: (indices, weights, d weights / dx, dy/dx)."""
-    y, s = _mirror_coord(x, n)
-    fl = math.floor(y)
-    f = y - fl
-    return _mirror_taps(int(fl) - 1, n), _w4(f), _dw4(f), s
-
-
-@_dev
-def _cubic_point(coef, x, y, z):
-    """Value and index-gradient of the mirror-extended spline at (x, y, z); NaN if not finite."""
-    nx, ny, nz = coef.shape
-    if not _finite3(x, y, z):
-        return math.nan, math.nan, math.nan, math.nan
-    ix, wx, dwx, sx = _axis_mirror(x, nx)
-    iy, wy, dwy, sy = _axis_mirror(y, ny)
-    iz, wz, dwz, sz = _axis_mirror(z, nz)
-    k0, k1, k2, k3 = iz
-    wz0, wz1, wz2, wz3 = wz
-    dz0, dz1, dz2, dz3 = dwz
-    val = 0.0
-    gx = 0.0
-    gy = 0.0
-    gz = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        sby = 0.0
-        sbz = 0.0
-        for b in range(4):
-            j = iy[b]
-            # the four z taps of one (i, j) row are adjacent in memory
-            v0 = float(coef[i, j, k0])
-            v1 = float(coef[i, j, k1])
-            v2 = float(coef[i, j, k2])
-            v3 = float(coef[i, j, k3])
-            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
-            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
-            sb += wy[b] * sc
-            sby += dwy[b] * sc
-            sbz += wy[b] * scz
-        val += wx[a] * sb
-        gx += dwx[a] * sb
-        gy += wx[a] * sby
-        gz += wx[a] * sbz
-    return val, gx * sx, gy * sy, gz * sz
-
-
-@_dev
-def _cubic_value(coef, x, y, z):
-    """Value only of the mirror-extended spline at a finite point."""
-    nx, ny, nz = coef.shape
-    x, _sx = _mirror_coord(x, nx)
-    y, _sy = _mirror_coord(y, ny)
-    z, _sz = _mirror_coord(z, nz)
-    fx = math.floor(x)
-    fy = math.floor(y)
-    fz = math.floor(z)
-    ix = _mirror_taps(int(fx) - 1, nx)
-    iy = _mirror_taps(int(fy) - 1, ny)
-    k0, k1, k2, k3 = _mirror_taps(int(fz) - 1, nz)
-    wx = _w4(x - fx)
-    wy = _w4(y - fy)
-    wz0, wz1, wz2, wz3 = _w4(z - fz)
-    val = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        for b in range(4):
-            j = iy[b]
-            sb += wy[b] * (
-                wz0 * float(coef[i, j, k0])
-                + wz1 * float(coef[i, j, k1])
-                + wz2 * float(coef[i, j, k2])
-                + wz3 * float(coef[i, j, k3])
-            )
-        val += wx[a] * sb
-    return val
-
-
-@_dev
 def _inside(x, y, z, nx, ny, nz):
     # NaN fails every comparison, so it counts as outside.
     return x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5 and z >= -0.5 and z <= nz - 0.5
-
-
-@_dev
-def _taps(t, g):
-    """Zero-extended taps of one finite coordinate: (indices clamped, weights, d weights), missing
-    taps with weight 0."""
-    fl = math.floor(t)
-    f = t - fl
-    base = int(fl) - 1
-    idx, w = _clamp_taps(base, g, _w4(f))
-    _i, dw = _clamp_taps(base, g, _dw4(f))
-    return idx, w, dw
-
-
-@_dev
-def _eval_point(coef, x, y, z):
-    """B-spline displacement (3 floats) at grid index (x, y, z); zero for unusable coordinates."""
-    gx, gy, gz, _c = coef.shape
-    u0 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    if _finite3(x, y, z):
-        ix, wx, _dx = _taps(x, gx)
-        iy, wy, _dy = _taps(y, gy)
-        iz, wz, _dz = _taps(z, gz)
-        for a in range(4):
-            i = ix[a]
-            for b in range(4):
-                j = iy[b]
-                wab = wx[a] * wy[b]
-                for c in range(4):
-                    k = iz[c]
-                    w = wab * wz[c]
-                    u0 += w * coef[i, j, k, 0]
-                    u1 += w * coef[i, j, k, 1]
-                    u2 += w * coef[i, j, k, 2]
-    return u0, u1, u2
 
 
 @_dev

@@ -26,10 +26,9 @@ dtypes are those of the reference. Thread layout, chosen for coalesced memory tr
 * patch operations: one thread per patch voxel (centre n, offset v), consecutive threads on
   consecutive offsets of one patch (neighbouring taps, consecutive outputs).
 
-Private device functions defined here (the shared ones come from ``cuda_common``):
-``_finite3``, ``_affine12``, ``_axis_w``, ``_axis_wd``, ``_cubic_value``, ``_cubic_point``
-(single-channel mirror-boundary cubic spline value / value + index gradient) and
-``_bspline_disp`` (zero-extended B-spline transform displacement).
+The scalar device functions (the cubic spline of a single-channel image and the B-spline
+transform at one point, taps, matrices as 12 floats) are ``cuda_common``'s, shared with
+``cuda.py``; the channel kernels loop over their own taps.
 """
 
 from __future__ import annotations
@@ -41,20 +40,9 @@ from numba import cuda
 
 from fastimpact.errors import ConfigError
 
+from . import cuda_common as _cc
 from . import reference as _ref
-from .cuda_common import (
-    Returns,
-    bspline3_weights,
-    bspline3_weights_d1,
-    clamp_taps,
-    device_in,
-    device_out,
-    grid_1d,
-    is_device,
-    mirror_coord,
-    mirror_index,
-    mirror_taps,
-)
+from .cuda_common import Returns, device_in, device_out, grid_1d, is_device, mirror_index
 
 __all__ = [
     "cubic_sample_channels",
@@ -70,113 +58,13 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # ----------------------------------------------------------------------------- device functions
-@_dev
-def _finite3(x, y, z):
-    # |v| < 1e15 is False for NaN and inf and keeps int(floor(v)) well defined.
-    return abs(x) < 1e15 and abs(y) < 1e15 and abs(z) < 1e15
-
-
-@_dev
-def _affine12(A, x, y, z):
-    """``A[:3, :3] (x, y, z) + A[:3, 3]`` of a 4x4 matrix given as its first 12 entries (row major)."""
-    return (
-        A[0] * x + A[1] * y + A[2] * z + A[3],
-        A[4] * x + A[5] * y + A[6] * z + A[7],
-        A[8] * x + A[9] * y + A[10] * z + A[11],
-    )
-
-
-@_dev
-def _axis_w(x, n):
-    """Mirror-extended cubic taps of one finite coordinate: (indices, weights)."""
-    y, _ = mirror_coord(x, n)
-    fl = math.floor(y)
-    return mirror_taps(int(fl) - 1, n), bspline3_weights(y - fl)
-
-
-@_dev
-def _axis_wd(x, n):
-    """As :func:`_axis_w` plus the weight derivatives and the mirror sign dy/dx."""
-    y, s = mirror_coord(x, n)
-    fl = math.floor(y)
-    f = y - fl
-    return mirror_taps(int(fl) - 1, n), bspline3_weights(f), bspline3_weights_d1(f), s
-
-
-@_dev
-def _cubic_value(coef, x, y, z):
-    """Value of the mirror-extended spline of a 3-D ``coef`` at a finite point (float64)."""
-    ix, wx = _axis_w(x, coef.shape[0])
-    iy, wy = _axis_w(y, coef.shape[1])
-    iz, wz = _axis_w(z, coef.shape[2])
-    val = 0.0
-    for a in range(4):
-        sb = 0.0
-        for b in range(4):
-            sc = 0.0
-            for c in range(4):
-                sc += wz[c] * np.float64(coef[ix[a], iy[b], iz[c]])
-            sb += wy[b] * sc
-        val += wx[a] * sb
-    return val
-
-
-@_dev
-def _cubic_point(coef, x, y, z):
-    """Value and index gradient (4 floats) of the mirror-extended spline; NaN for non-finite points."""
-    if not _finite3(x, y, z):
-        return math.nan, math.nan, math.nan, math.nan
-    ix, wx, dwx, sx = _axis_wd(x, coef.shape[0])
-    iy, wy, dwy, sy = _axis_wd(y, coef.shape[1])
-    iz, wz, dwz, sz = _axis_wd(z, coef.shape[2])
-    val = 0.0
-    gx = 0.0
-    gy = 0.0
-    gz = 0.0
-    for a in range(4):
-        sb = 0.0
-        sby = 0.0
-        sbz = 0.0
-        for b in range(4):
-            sc = 0.0
-            scz = 0.0
-            for c in range(4):
-                v = np.float64(coef[ix[a], iy[b], iz[c]])
-                sc += wz[c] * v
-                scz += dwz[c] * v
-            sb += wy[b] * sc
-            sby += dwy[b] * sc
-            sbz += wy[b] * scz
-        val += wx[a] * sb
-        gx += dwx[a] * sb
-        gy += wx[a] * sby
-        gz += wx[a] * sbz
-    return val, gx * sx, gy * sy, gz * sz
-
-
-@_dev
-def _bspline_disp(bs, x, y, z):
-    """Displacement (3 floats) of the zero-extended B-spline transform ``bs`` (gx, gy, gz, 3) at
-    grid index (x, y, z); zero for unusable coordinates (as ``reference.bspline_eval``)."""
-    u0 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    if _finite3(x, y, z):
-        fx = math.floor(x)
-        fy = math.floor(y)
-        fz = math.floor(z)
-        ix, wx = clamp_taps(int(fx) - 1, bs.shape[0], bspline3_weights(x - fx))
-        iy, wy = clamp_taps(int(fy) - 1, bs.shape[1], bspline3_weights(y - fy))
-        iz, wz = clamp_taps(int(fz) - 1, bs.shape[2], bspline3_weights(z - fz))
-        for a in range(4):
-            for b in range(4):
-                wab = wx[a] * wy[b]
-                for c in range(4):
-                    w = wab * wz[c]
-                    u0 += w * bs[ix[a], iy[b], iz[c], 0]
-                    u1 += w * bs[ix[a], iy[b], iz[c], 1]
-                    u2 += w * bs[ix[a], iy[b], iz[c], 2]
-    return u0, u1, u2
+# shared with cuda.py (cuda_common): one definition of the cubic spline and the transform at a point
+_finite3 = _cc.finite3
+_affine12 = _cc.affine3
+_cubic_value = _cc.cubic_value
+_cubic_point = _cc.cubic_point
+_bspline_disp = _cc.eval_point
+_axis_mirror = _cc.axis_mirror
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -200,9 +88,9 @@ def _k_channels(coef, pts, values, grads, with_grad):
             grads[n, ch, 2] = math.nan
         return
     if with_grad:
-        ix, wx, dwx, sx = _axis_wd(x, coef.shape[0])
-        iy, wy, dwy, sy = _axis_wd(y, coef.shape[1])
-        iz, wz, dwz, sz = _axis_wd(z, coef.shape[2])
+        ix, wx, dwx, sx = _axis_mirror(x, coef.shape[0])
+        iy, wy, dwy, sy = _axis_mirror(y, coef.shape[1])
+        iz, wz, dwz, sz = _axis_mirror(z, coef.shape[2])
         val = 0.0
         gx = 0.0
         gy = 0.0
@@ -230,9 +118,9 @@ def _k_channels(coef, pts, values, grads, with_grad):
         grads[n, ch, 1] = gy * sy
         grads[n, ch, 2] = gz * sz
     else:
-        ix, wx = _axis_w(x, coef.shape[0])
-        iy, wy = _axis_w(y, coef.shape[1])
-        iz, wz = _axis_w(z, coef.shape[2])
+        ix, wx, _dx, _sx = _axis_mirror(x, coef.shape[0])
+        iy, wy, _dy, _sy = _axis_mirror(y, coef.shape[1])
+        iz, wz, _dz, _sz = _axis_mirror(z, coef.shape[2])
         val = 0.0
         for a in range(4):
             sb = 0.0
