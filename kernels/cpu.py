@@ -23,8 +23,8 @@ from numba import prange
 
 from fastimpact.errors import ConfigError
 
-from . import _bspline1d as _b1
 from . import _counter_rng as _rng
+from . import _scalar
 from . import reference as _ref
 
 __all__ = list(_ref.__all__)
@@ -65,11 +65,12 @@ def _renamed(func, suffix: str):
     twin.__doc__ = func.__doc__
     return twin
 
-_w4 = _jit(_b1.bspline3_weights)
-_dw4 = _jit(_b1.bspline3_weights_d1)
-_mirror_taps = _jit(_b1.mirror_taps)
-_mirror_coord = _jit(_b1.mirror_coord)
-_clamp_taps = _jit(_b1.clamp_taps)
+# the scalar functions (B-spline weights, mirrored / zero-extended taps, the cubic spline of an
+# image at one point, the transform's displacement at one point): one source with the CUDA backend
+_S = _scalar.build(_jit)
+_w4, _dw4, _mirror_taps, _mirror_coord, _clamp_taps = _S.w4, _S.dw4, _S.mirror_taps, _S.mirror_coord, _S.clamp_taps
+_finite3, _axis_mirror, _cubic_point, _cubic_value = _S.finite3, _S.axis_mirror, _S.cubic_point, _S.cubic_value
+_taps, _eval_point = _S.taps, _S.eval_point
 
 
 # ----------------------------------------------------------------------------- input handling
@@ -102,12 +103,6 @@ def _float_out_dtype(dtype):
 
 # ----------------------------------------------------------------------------- image sampling
 @_jit
-def _finite3(x, y, z):
-    # |v| < 1e15 is False for NaN and inf and keeps int(floor(v)) well defined.
-    return abs(x) < 1e15 and abs(y) < 1e15 and abs(z) < 1e15
-
-
-@_jit
 def _affine_point(A, x, y, z):
     """(A[:3, :3] (x, y, z) + A[:3, 3]) of a 4x4 homogeneous matrix, as three scalars."""
     return (
@@ -115,91 +110,6 @@ def _affine_point(A, x, y, z):
         A[1, 0] * x + A[1, 1] * y + A[1, 2] * z + A[1, 3],
         A[2, 0] * x + A[2, 1] * y + A[2, 2] * z + A[2, 3],
     )
-
-
-@_jit
-def _axis_mirror(x, n):
-    """Mirror-extended cubic taps of one coordinate: (indices, weights, d weights / dx, dy/dx)."""
-    x, s = _mirror_coord(x, n)
-    fl = math.floor(x)
-    f = x - fl
-    return _mirror_taps(int(fl) - 1, n), _w4(f), _dw4(f), s
-
-
-@_jit
-def _cubic_point(coef, x, y, z):
-    """Value and index-gradient of the mirror-extended spline at one (finite or not) point."""
-    nx, ny, nz = coef.shape
-    if not _finite3(x, y, z):
-        return np.nan, np.nan, np.nan, np.nan
-    ix, wx, dwx, sx = _axis_mirror(x, nx)
-    iy, wy, dwy, sy = _axis_mirror(y, ny)
-    iz, wz, dwz, sz = _axis_mirror(z, nz)
-    # The z taps are unrolled by hand and tuple elements read once into scalars: ~30% faster
-    # than indexing tuples inside the innermost loop.
-    k0, k1, k2, k3 = iz
-    wz0, wz1, wz2, wz3 = wz
-    dz0, dz1, dz2, dz3 = dwz
-    val = 0.0
-    gx = 0.0
-    gy = 0.0
-    gz = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        sby = 0.0
-        sbz = 0.0
-        for b in range(4):
-            j = iy[b]
-            v0 = np.float64(coef[i, j, k0])
-            v1 = np.float64(coef[i, j, k1])
-            v2 = np.float64(coef[i, j, k2])
-            v3 = np.float64(coef[i, j, k3])
-            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
-            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
-            sb += wy[b] * sc
-            sby += dwy[b] * sc
-            sbz += wy[b] * scz
-        val += wx[a] * sb
-        gx += dwx[a] * sb
-        gy += wx[a] * sby
-        gz += wx[a] * sbz
-    return val, gx * sx, gy * sy, gz * sz
-
-
-@_jit
-def _cubic_value(coef, x, y, z):
-    """Value only of the mirror-extended spline at a finite point."""
-    nx, ny, nz = coef.shape
-    x, _ = _mirror_coord(x, nx)
-    y, _ = _mirror_coord(y, ny)
-    z, _ = _mirror_coord(z, nz)
-    fx = math.floor(x)
-    fy = math.floor(y)
-    fz = math.floor(z)
-    ix = _mirror_taps(int(fx) - 1, nx)
-    iy = _mirror_taps(int(fy) - 1, ny)
-    iz = _mirror_taps(int(fz) - 1, nz)
-    wx = _w4(x - fx)
-    wy = _w4(y - fy)
-    wz = _w4(z - fz)
-    k0, k1, k2, k3 = iz
-    wz0, wz1, wz2, wz3 = wz
-    val = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        for b in range(4):
-            j = iy[b]
-            sc = (
-                wz0 * np.float64(coef[i, j, k0])
-                + wz1 * np.float64(coef[i, j, k1])
-                + wz2 * np.float64(coef[i, j, k2])
-                + wz3 * np.float64(coef[i, j, k3])
-            )
-            sb += wy[b] * sc
-        val += wx[a] * sb
-    return val
 
 
 # Points per block of the sampling loops (one prange iteration each).
@@ -334,17 +244,6 @@ def nearest_sample(img, points, fill=0):
 
 
 # ----------------------------------------------------------------------------- B-spline transform
-@_jit
-def _taps(t, g):
-    """Zero-extended taps of one coordinate: (indices, weights, d weights)."""
-    fl = math.floor(t)
-    f = t - fl
-    base = int(fl) - 1
-    idx, w = _clamp_taps(base, g, _w4(f))
-    _, dw = _clamp_taps(base, g, _dw4(f))
-    return idx, w, dw
-
-
 @_pjit
 def _k_bspline_weights(t, base, w, dw):
     for n in prange(t.shape[0]):
@@ -360,41 +259,6 @@ def _k_bspline_weights(t, base, w, dw):
             for k in range(4):
                 w[n, d, k] = ww[k]
                 dw[n, d, k] = dd[k]
-
-
-@_jit
-def _eval_point(coef, x, y, z):
-    """Displacement (3 floats) at grid index (x, y, z); zero for unusable coordinates."""
-    gx, gy, gz, _ = coef.shape
-    u0 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    if _finite3(x, y, z):
-        ix, wx, _ = _taps(x, gx)
-        iy, wy, _ = _taps(y, gy)
-        iz, wz, _ = _taps(z, gz)
-        # Tuple elements are read once into scalars and the z taps unrolled: indexing the array
-        # with ix[a] etc. inside the innermost loop is ~10x slower in Numba.
-        k0, k1, k2, k3 = iz
-        wz0, wz1, wz2, wz3 = wz
-        for a in range(4):
-            i = ix[a]
-            for b in range(4):
-                j = iy[b]
-                w = wx[a] * wy[b]
-                u0 += w * (
-                    wz0 * coef[i, j, k0, 0] + wz1 * coef[i, j, k1, 0]
-                    + wz2 * coef[i, j, k2, 0] + wz3 * coef[i, j, k3, 0]
-                )
-                u1 += w * (
-                    wz0 * coef[i, j, k0, 1] + wz1 * coef[i, j, k1, 1]
-                    + wz2 * coef[i, j, k2, 1] + wz3 * coef[i, j, k3, 1]
-                )
-                u2 += w * (
-                    wz0 * coef[i, j, k0, 2] + wz1 * coef[i, j, k1, 2]
-                    + wz2 * coef[i, j, k2, 2] + wz3 * coef[i, j, k3, 2]
-                )
-    return u0, u1, u2
 
 
 @_pjit

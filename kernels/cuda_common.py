@@ -6,9 +6,10 @@ Imported only when the ``cuda`` backend is asked for; the CPU path never imports
 
 Device functions
 ----------------
-The scalar cubic B-spline weights and boundary helpers are compiled from the one Python source
-in ``_bspline1d`` (the CPU backend compiles the same functions with ``numba.njit``), so the two
-backends cannot drift apart.
+The scalar cubic B-spline weights, boundary helpers, the cubic spline of an image at one point and
+the B-spline transform at one point are compiled from the one Python source in ``_bspline1d`` and
+``_scalar`` (the CPU backend compiles the same functions with ``numba.njit``), so the two backends
+cannot drift apart.
 
 Arrays in and out
 -----------------
@@ -23,12 +24,11 @@ on the GPU for a whole level is therefore passed in as device arrays and never c
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import cuda
 
 from . import _bspline1d as _b1
+from . import _scalar
 
 __all__ = [
     "THREADS",
@@ -59,12 +59,13 @@ THREADS = 256
 
 _dev = cuda.jit(device=True)
 
-bspline3_weights = _dev(_b1.bspline3_weights)
-bspline3_weights_d1 = _dev(_b1.bspline3_weights_d1)
+# the scalar functions, compiled from the same source as the CPU backend's (kernels/_scalar.py)
+_S = _scalar.build(_dev)
+bspline3_weights, bspline3_weights_d1 = _S.w4, _S.dw4
+mirror_taps, mirror_coord, clamp_taps = _S.mirror_taps, _S.mirror_coord, _S.clamp_taps
+finite3, axis_mirror, cubic_point, cubic_value = _S.finite3, _S.axis_mirror, _S.cubic_point, _S.cubic_value
+taps, eval_point = _S.taps, _S.eval_point
 mirror_index = _dev(_b1.mirror_index)
-mirror_taps = _dev(_b1.mirror_taps)
-mirror_coord = _dev(_b1.mirror_coord)
-clamp_taps = _dev(_b1.clamp_taps)
 
 
 def _simulator_array_type():
@@ -146,14 +147,7 @@ class Returns:
 
 
 # ----------------------------------------------------------------------------- shared device functions
-# (cuda.py and cuda_features.py): the mirror-extended cubic spline of an image at one point, the
-# zero-extended B-spline transform at one grid point, points through a 4x4 matrix given as 12 floats
-
-
-@cuda.jit(device=True)
-def finite3(x, y, z):
-    # |v| < 1e15 is False for NaN and inf and keeps int(floor(v)) well defined.
-    return abs(x) < 1e15 and abs(y) < 1e15 and abs(z) < 1e15
+# (cuda.py and cuda_features.py) beyond _scalar's: points through a 4x4 matrix given as 12 floats
 
 
 @cuda.jit(device=True)
@@ -164,121 +158,3 @@ def affine3(A, x, y, z):
         A[4] * x + A[5] * y + A[6] * z + A[7],
         A[8] * x + A[9] * y + A[10] * z + A[11],
     )
-
-
-@cuda.jit(device=True)
-def axis_mirror(x, n):
-    """Mirror-extended cubic taps of one coordinate: (indices, weights, d weights / dx, dy/dx)."""
-    y, s = mirror_coord(x, n)
-    fl = math.floor(y)
-    f = y - fl
-    return mirror_taps(int(fl) - 1, n), bspline3_weights(f), bspline3_weights_d1(f), s
-
-
-@cuda.jit(device=True)
-def cubic_point(coef, x, y, z):
-    """Value and index-gradient of the mirror-extended spline at (x, y, z); NaN if not finite."""
-    nx, ny, nz = coef.shape
-    if not finite3(x, y, z):
-        return math.nan, math.nan, math.nan, math.nan
-    ix, wx, dwx, sx = axis_mirror(x, nx)
-    iy, wy, dwy, sy = axis_mirror(y, ny)
-    iz, wz, dwz, sz = axis_mirror(z, nz)
-    k0, k1, k2, k3 = iz
-    wz0, wz1, wz2, wz3 = wz
-    dz0, dz1, dz2, dz3 = dwz
-    val = 0.0
-    gx = 0.0
-    gy = 0.0
-    gz = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        sby = 0.0
-        sbz = 0.0
-        for b in range(4):
-            j = iy[b]
-            # the four z taps of one (i, j) row are adjacent in memory
-            v0 = float(coef[i, j, k0])
-            v1 = float(coef[i, j, k1])
-            v2 = float(coef[i, j, k2])
-            v3 = float(coef[i, j, k3])
-            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
-            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
-            sb += wy[b] * sc
-            sby += dwy[b] * sc
-            sbz += wy[b] * scz
-        val += wx[a] * sb
-        gx += dwx[a] * sb
-        gy += wx[a] * sby
-        gz += wx[a] * sbz
-    return val, gx * sx, gy * sy, gz * sz
-
-
-@cuda.jit(device=True)
-def cubic_value(coef, x, y, z):
-    """Value only of the mirror-extended spline at a finite point."""
-    nx, ny, nz = coef.shape
-    x, _sx = mirror_coord(x, nx)
-    y, _sy = mirror_coord(y, ny)
-    z, _sz = mirror_coord(z, nz)
-    fx = math.floor(x)
-    fy = math.floor(y)
-    fz = math.floor(z)
-    ix = mirror_taps(int(fx) - 1, nx)
-    iy = mirror_taps(int(fy) - 1, ny)
-    k0, k1, k2, k3 = mirror_taps(int(fz) - 1, nz)
-    wx = bspline3_weights(x - fx)
-    wy = bspline3_weights(y - fy)
-    wz0, wz1, wz2, wz3 = bspline3_weights(z - fz)
-    val = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        for b in range(4):
-            j = iy[b]
-            sb += wy[b] * (
-                wz0 * float(coef[i, j, k0])
-                + wz1 * float(coef[i, j, k1])
-                + wz2 * float(coef[i, j, k2])
-                + wz3 * float(coef[i, j, k3])
-            )
-        val += wx[a] * sb
-    return val
-
-
-@cuda.jit(device=True)
-def taps(t, g):
-    """Zero-extended taps of one finite coordinate: (indices clamped, weights, d weights), missing
-    taps with weight 0."""
-    fl = math.floor(t)
-    f = t - fl
-    base = int(fl) - 1
-    idx, w = clamp_taps(base, g, bspline3_weights(f))
-    _i, dw = clamp_taps(base, g, bspline3_weights_d1(f))
-    return idx, w, dw
-
-
-@cuda.jit(device=True)
-def eval_point(coef, x, y, z):
-    """B-spline displacement (3 floats) at grid index (x, y, z); zero for unusable coordinates."""
-    gx, gy, gz, _c = coef.shape
-    u0 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    if finite3(x, y, z):
-        ix, wx, _dx = taps(x, gx)
-        iy, wy, _dy = taps(y, gy)
-        iz, wz, _dz = taps(z, gz)
-        for a in range(4):
-            i = ix[a]
-            for b in range(4):
-                j = iy[b]
-                wab = wx[a] * wy[b]
-                for c in range(4):
-                    k = iz[c]
-                    w = wab * wz[c]
-                    u0 += w * coef[i, j, k, 0]
-                    u1 += w * coef[i, j, k, 1]
-                    u2 += w * coef[i, j, k, 2]
-    return u0, u1, u2
