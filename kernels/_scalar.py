@@ -2,8 +2,8 @@
 
 ``build(jit)`` compiles, with the given decorator, the leaf functions of ``_bspline1d`` and the
 functions below that combine them: the mirror-extended cubic B-spline of an image at one point
-(value, or value and index gradient), the zero-extended taps of a B-spline transform and its
-displacement at one grid point. ``kernels/cpu.py`` builds them with ``numba.njit`` (cached on
+(value, or value and index gradient), the trilinear value, the zero-extended taps of a B-spline
+transform, its displacement and its Jacobian at one grid point. ``kernels/cpu.py`` builds them with ``numba.njit`` (cached on
 disk like its kernels) and ``kernels/cuda_common.py`` with ``numba.cuda.jit(device=True)``, so the
 CPU and the CUDA kernels evaluate the same arithmetic. The functions call each other through the
 closure, which Numba resolves per target at compile time.
@@ -20,7 +20,8 @@ from . import _bspline1d as _b1
 
 def build(jit) -> SimpleNamespace:
     """The scalar functions compiled by ``jit``: w4, dw4, mirror_taps, mirror_coord, clamp_taps
-    (from ``_bspline1d``), finite3, axis_mirror, cubic_point, cubic_value, taps, eval_point."""
+    (from ``_bspline1d``), finite3, axis_mirror, cubic_point, cubic_value, taps, eval_point, inside,
+    linear_value, jac_component."""
     _w4 = jit(_b1.bspline3_weights)
     _dw4 = jit(_b1.bspline3_weights_d1)
     _mirror_taps = jit(_b1.mirror_taps)
@@ -158,6 +159,69 @@ def build(jit) -> SimpleNamespace:
                     )
         return u0, u1, u2
 
+    @jit
+    def _inside(x, y, z, nx, ny, nz):
+        # NaN fails every comparison, so it counts as outside.
+        return (
+            x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5 and z >= -0.5 and z <= nz - 0.5
+        )
+
+    @jit
+    def _linear_value(img, x, y, z):
+        """Trilinear value of a 3-D image at a point inside it (see _inside); neighbours clamped into
+        the volume, so the half-voxel border takes edge values."""
+        nx, ny, nz = img.shape
+        fx = math.floor(x)
+        fy = math.floor(y)
+        fz = math.floor(z)
+        tx = x - fx
+        ty = y - fy
+        tz = z - fz
+        i0 = min(max(int(fx), 0), nx - 1)
+        j0 = min(max(int(fy), 0), ny - 1)
+        k0 = min(max(int(fz), 0), nz - 1)
+        i1 = min(max(int(fx) + 1, 0), nx - 1)
+        j1 = min(max(int(fy) + 1, 0), ny - 1)
+        k1 = min(max(int(fz) + 1, 0), nz - 1)
+        c00 = (1.0 - tz) * float(img[i0, j0, k0]) + tz * float(img[i0, j0, k1])
+        c01 = (1.0 - tz) * float(img[i0, j1, k0]) + tz * float(img[i0, j1, k1])
+        c10 = (1.0 - tz) * float(img[i1, j0, k0]) + tz * float(img[i1, j0, k1])
+        c11 = (1.0 - tz) * float(img[i1, j1, k0]) + tz * float(img[i1, j1, k1])
+        c0 = (1.0 - ty) * c00 + ty * c01
+        c1 = (1.0 - ty) * c10 + ty * c11
+        return (1.0 - tx) * c0 + tx * c1
+
+    @jit
+    def _jac_component(coef, cc, ix, iy, iz, wx, wy, wz, dwx, dwy, dwz):
+        """(d u_cc/dt_x, d u_cc/dt_y, d u_cc/dt_z) from zero-extended taps (z taps unrolled)."""
+        k0, k1, k2, k3 = iz
+        wz0, wz1, wz2, wz3 = wz
+        dz0, dz1, dz2, dz3 = dwz
+        jx = 0.0
+        jy = 0.0
+        jz = 0.0
+        for a in range(4):
+            i = ix[a]
+            sb = 0.0
+            sby = 0.0
+            sbz = 0.0
+            for b in range(4):
+                j = iy[b]
+                v0 = coef[i, j, k0, cc]
+                v1 = coef[i, j, k1, cc]
+                v2 = coef[i, j, k2, cc]
+                v3 = coef[i, j, k3, cc]
+                sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
+                scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
+                sb += wy[b] * sc
+                sby += dwy[b] * sc
+                sbz += wy[b] * scz
+            jx += dwx[a] * sb
+            jy += wx[a] * sby
+            jz += wx[a] * sbz
+        return jx, jy, jz
+
     return SimpleNamespace(w4=_w4, dw4=_dw4, mirror_taps=_mirror_taps, mirror_coord=_mirror_coord,
                            clamp_taps=_clamp_taps, finite3=_finite3, axis_mirror=_axis_mirror,
-                           cubic_point=_cubic_point, cubic_value=_cubic_value, taps=_taps, eval_point=_eval_point)
+                           cubic_point=_cubic_point, cubic_value=_cubic_value, taps=_taps, eval_point=_eval_point,
+                           inside=_inside, linear_value=_linear_value, jac_component=_jac_component)

@@ -71,6 +71,7 @@ _S = _scalar.build(_jit)
 _w4, _dw4, _mirror_taps, _mirror_coord, _clamp_taps = _S.w4, _S.dw4, _S.mirror_taps, _S.mirror_coord, _S.clamp_taps
 _finite3, _axis_mirror, _cubic_point, _cubic_value = _S.finite3, _S.axis_mirror, _S.cubic_point, _S.cubic_value
 _taps, _eval_point = _S.taps, _S.eval_point
+_inside, _linear_value, _jac_component = _S.inside, _S.linear_value, _S.jac_component
 
 
 # ----------------------------------------------------------------------------- input handling
@@ -134,14 +135,6 @@ def _sink(n):
     return np.empty((n + _BLOCK - 1) // _BLOCK)
 
 
-@_jit
-def _inside(x, y, z, nx, ny, nz):
-    # NaN fails every comparison, so it counts as outside.
-    return (
-        x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5 and z >= -0.5 and z <= nz - 0.5
-    )
-
-
 @_pjit
 def _k_cubic_values(coef, pts, fill, out, sink):
     nx, ny, nz = coef.shape
@@ -166,28 +159,7 @@ def _k_linear(img, pts, fill, out):
         x = np.float64(pts[n, 0])
         y = np.float64(pts[n, 1])
         z = np.float64(pts[n, 2])
-        if not _inside(x, y, z, nx, ny, nz):
-            out[n] = fill
-            continue
-        fx = math.floor(x)
-        fy = math.floor(y)
-        fz = math.floor(z)
-        tx = x - fx
-        ty = y - fy
-        tz = z - fz
-        i0 = min(max(int(fx), 0), nx - 1)
-        j0 = min(max(int(fy), 0), ny - 1)
-        k0 = min(max(int(fz), 0), nz - 1)
-        i1 = min(max(int(fx) + 1, 0), nx - 1)
-        j1 = min(max(int(fy) + 1, 0), ny - 1)
-        k1 = min(max(int(fz) + 1, 0), nz - 1)
-        c00 = (1.0 - tz) * np.float64(img[i0, j0, k0]) + tz * np.float64(img[i0, j0, k1])
-        c01 = (1.0 - tz) * np.float64(img[i0, j1, k0]) + tz * np.float64(img[i0, j1, k1])
-        c10 = (1.0 - tz) * np.float64(img[i1, j0, k0]) + tz * np.float64(img[i1, j0, k1])
-        c11 = (1.0 - tz) * np.float64(img[i1, j1, k0]) + tz * np.float64(img[i1, j1, k1])
-        c0 = (1.0 - ty) * c00 + ty * c01
-        c1 = (1.0 - ty) * c10 + ty * c11
-        out[n] = (1.0 - tx) * c0 + tx * c1
+        out[n] = _linear_value(img, x, y, z) if _inside(x, y, z, nx, ny, nz) else fill
 
 
 @_pjit
@@ -268,37 +240,6 @@ def _k_bspline_eval(coef, t, out):
         out[n, 0] = u0
         out[n, 1] = u1
         out[n, 2] = u2
-
-
-@_jit
-def _jac_component(coef, cc, ix, iy, iz, wx, wy, wz, dwx, dwy, dwz):
-    """(d u_cc/dt_x, d u_cc/dt_y, d u_cc/dt_z) from zero-extended taps (z taps unrolled)."""
-    k0, k1, k2, k3 = iz
-    wz0, wz1, wz2, wz3 = wz
-    dz0, dz1, dz2, dz3 = dwz
-    jx = 0.0
-    jy = 0.0
-    jz = 0.0
-    for a in range(4):
-        i = ix[a]
-        sb = 0.0
-        sby = 0.0
-        sbz = 0.0
-        for b in range(4):
-            j = iy[b]
-            v0 = coef[i, j, k0, cc]
-            v1 = coef[i, j, k1, cc]
-            v2 = coef[i, j, k2, cc]
-            v3 = coef[i, j, k3, cc]
-            sc = wz0 * v0 + wz1 * v1 + wz2 * v2 + wz3 * v3
-            scz = dz0 * v0 + dz1 * v1 + dz2 * v2 + dz3 * v3
-            sb += wy[b] * sc
-            sby += dwy[b] * sc
-            sbz += wy[b] * scz
-        jx += dwx[a] * sb
-        jy += wx[a] * sby
-        jz += wx[a] * sbz
-    return jx, jy, jz
 
 
 @_pjit

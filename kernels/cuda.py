@@ -175,6 +175,9 @@ _cubic_point = _cc.cubic_point
 _cubic_value = _cc.cubic_value
 _taps = _cc.taps
 _eval_point = _cc.eval_point
+_inside = _cc.inside
+_linear_value = _cc.linear_value
+_jac_component = _cc.jac_component
 
 
 @_dev
@@ -195,12 +198,6 @@ def _linear3_t(L, x, y, z):
         L[1] * x + L[4] * y + L[7] * z,
         L[2] * x + L[5] * y + L[8] * z,
     )
-
-
-@_dev
-def _inside(x, y, z, nx, ny, nz):
-    # NaN fails every comparison, so it counts as outside.
-    return x >= -0.5 and x <= nx - 0.5 and y >= -0.5 and y <= ny - 0.5 and z >= -0.5 and z <= nz - 0.5
 
 
 @_dev
@@ -267,29 +264,7 @@ def _k_linear(img, pts, fill, out):
         x = float(pts[n, 0])
         y = float(pts[n, 1])
         z = float(pts[n, 2])
-        if not _inside(x, y, z, nx, ny, nz):
-            out[n] = fill
-            return
-        fx = math.floor(x)
-        fy = math.floor(y)
-        fz = math.floor(z)
-        tx = x - fx
-        ty = y - fy
-        tz = z - fz
-        # neighbours clamped into the volume: the half-voxel border takes edge values
-        i0 = min(max(int(fx), 0), nx - 1)
-        j0 = min(max(int(fy), 0), ny - 1)
-        k0 = min(max(int(fz), 0), nz - 1)
-        i1 = min(max(int(fx) + 1, 0), nx - 1)
-        j1 = min(max(int(fy) + 1, 0), ny - 1)
-        k1 = min(max(int(fz) + 1, 0), nz - 1)
-        c00 = (1.0 - tz) * float(img[i0, j0, k0]) + tz * float(img[i0, j0, k1])
-        c01 = (1.0 - tz) * float(img[i0, j1, k0]) + tz * float(img[i0, j1, k1])
-        c10 = (1.0 - tz) * float(img[i1, j0, k0]) + tz * float(img[i1, j0, k1])
-        c11 = (1.0 - tz) * float(img[i1, j1, k0]) + tz * float(img[i1, j1, k1])
-        c0 = (1.0 - ty) * c00 + ty * c01
-        c1 = (1.0 - ty) * c10 + ty * c11
-        out[n] = (1.0 - tx) * c0 + tx * c1
+        out[n] = _linear_value(img, x, y, z) if _inside(x, y, z, nx, ny, nz) else fill
 
 
 @cuda.jit
@@ -355,18 +330,7 @@ def _k_bspline_jacobian(coef, t, out):
         iy, wy, dwy = _taps(y, gy)
         iz, wz, dwz = _taps(z, gz)
         for cc in range(3):
-            jx = 0.0
-            jy = 0.0
-            jz = 0.0
-            for a in range(4):
-                i = ix[a]
-                for b in range(4):
-                    j = iy[b]
-                    for c in range(4):
-                        v = coef[i, j, iz[c], cc]
-                        jx += dwx[a] * wy[b] * wz[c] * v
-                        jy += wx[a] * dwy[b] * wz[c] * v
-                        jz += wx[a] * wy[b] * dwz[c] * v
+            jx, jy, jz = _jac_component(coef, cc, ix, iy, iz, wx, wy, wz, dwx, dwy, dwz)
             out[n, cc, 0] = jx
             out[n, cc, 1] = jy
             out[n, cc, 2] = jz

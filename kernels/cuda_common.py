@@ -65,6 +65,7 @@ bspline3_weights, bspline3_weights_d1 = _S.w4, _S.dw4
 mirror_taps, mirror_coord, clamp_taps = _S.mirror_taps, _S.mirror_coord, _S.clamp_taps
 finite3, axis_mirror, cubic_point, cubic_value = _S.finite3, _S.axis_mirror, _S.cubic_point, _S.cubic_value
 taps, eval_point = _S.taps, _S.eval_point
+inside, linear_value, jac_component = _S.inside, _S.linear_value, _S.jac_component
 mirror_index = _dev(_b1.mirror_index)
 
 
