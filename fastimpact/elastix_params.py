@@ -34,7 +34,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["read_elastix_parameters", "parse_elastix_text", "config_from_elastix", "METRIC_NAMES"]
+__all__ = ["read_elastix_parameters", "parse_elastix_text", "config_from_elastix", "config_from_elastix_chain",
+           "METRIC_NAMES"]
 
 #: elastix metric component -> fastimpact metric name.
 METRIC_NAMES = {
@@ -90,12 +91,6 @@ _FIXED_DESIGN = {
     "UseAdaptiveStepSizes": ((True,), "fastimpact's ASGD always adapts its step sizes"),
     "MaximumStepLengthRatio": ((1, 1.0), "fastimpact's default max_step is elastix's with ratio 1; "
                                          "set max_step in mm instead"),
-    "FixedImagePyramid": (("FixedRecursiveImagePyramid", "FixedSmoothingImagePyramid",
-                           "FixedGenericImagePyramid", "FixedShrinkingImagePyramid"),
-                          "fastimpact uses its own Gaussian smoothing + downsampling pyramid"),
-    "MovingImagePyramid": (("MovingRecursiveImagePyramid", "MovingSmoothingImagePyramid",
-                            "MovingGenericImagePyramid", "MovingShrinkingImagePyramid"),
-                           "fastimpact uses its own Gaussian smoothing + downsampling pyramid"),
     "ErodeMask": ((False,), "fastimpact does not erode masks"),
     "ErodeFixedMask": ((False,), "fastimpact does not erode masks"),
     "ErodeMovingMask": ((False,), "fastimpact does not erode masks"),
@@ -122,8 +117,6 @@ _IGNORED_REASONS = [
      _SAMPLER),
     (re.compile(r"^(UseMultiThreadingForMetrics|UseOpenCL|OpenCL)"),
      "performance setting: fastimpact's threads and device are the threads and device settings"),
-    (re.compile(r"^(Fixed|Moving)?ImagePyramid(Rescale|Smoothing)?Schedule$"),
-     "fastimpact's pyramid shrinks by 2**(levels-1-l) with Gaussian sigma 0.5*factor voxels"),
     (re.compile(r"^(FixedLimitRangeRatio|MovingLimitRangeRatio|UseFastAndLowMemoryVersion|UseJacobianPreconditioning|"
                 r"FiniteDifferenceDerivative|SubtractMean|UseNormalization)"),
      "metric detail not configurable in fastimpact"),
@@ -386,12 +379,86 @@ def config_from_elastix(path_or_dict) -> tuple:
     if impact_weight:
         _map_impact(p, levels, fields, warnings)
     _map_misc(p, levels, fields, warnings)
+    _map_pyramid(p, levels, fields, warnings)
     _report_unused(p, levels, impact_weight, warnings)
 
     try:
         RegistrationConfig(**fields)
     except ConfigError as exc:
         raise ConfigError(f"{source} gives settings fastimpact rejects: {exc}") from None
+    return fields, list(dict.fromkeys(warnings))
+
+
+#: RegistrationConfig fields that belong to the affine stage (taken from an affine file of a chain).
+_AFFINE_STAGE_FIELDS = ("affine", "affine_iterations", "init")
+
+
+def _transform_kind(path_or_dict) -> str:
+    """'affine' or 'bspline': the stage an elastix parameter file (or map) configures."""
+    data = (_normalise_dict(path_or_dict, "elastix parameter map") if isinstance(path_or_dict, dict)
+            else read_elastix_parameters(path_or_dict))
+    name = _Params(data).get("Transform")
+    return "affine" if name and len(name) == 1 and str(name[0]) in AFFINE_TRANSFORMS else "bspline"
+
+
+def config_from_elastix_chain(paths) -> tuple:
+    """Several elastix parameter files, chained as ``elastix -p a.txt -p b.txt`` chains them.
+
+    elastix runs the files in order, each starting from the transform the earlier ones found; in
+    fastimpact that is one registration whose affine stage is configured by the affine files
+    (Euler, similarity, affine: the first one's initialisation, the last one's affine settings; a
+    rigid stage is folded into the full affine stage) and whose B-spline stage, which starts from the affine result, by the one
+    B-spline file, which must come last. Settings both kinds of file give (levels, metric,
+    samples, ...) are shared by fastimpact's stages: the last file's value is used, with a note.
+
+    Returns ``(fields, warnings)`` like :func:`config_from_elastix` (one file: exactly its result).
+    Raises ConfigError for a chain fastimpact cannot run as elastix would: more than one B-spline
+    file, or a B-spline file before an affine one.
+    """
+    paths = list(paths)
+    if len(paths) == 1:
+        return config_from_elastix(paths[0])
+    if not paths:
+        raise ConfigError("no elastix parameter file given")
+    names = [str(getattr(q, "name", None) or q) for q in paths]
+    kinds = [_transform_kind(q) for q in paths]
+    if "bspline" in kinds[:-1]:
+        order = ", ".join(f"{n} ({k})" for n, k in zip(names, kinds))
+        raise ConfigError(
+            f"elastix parameter files {order} cannot be chained in this order: fastimpact runs the affine "
+            "files' stage first and then one B-spline stage; give the affine (Euler, similarity, affine) files "
+            "first and at most one B-spline file, last")
+    fields: dict = {}
+    warnings: list = []
+    results = [config_from_elastix(q) for q in paths]
+    affine_files = [i for i, k in enumerate(kinds) if k == "affine"]
+    if len(affine_files) > 1:
+        warnings.append(f"{', '.join(names[i] for i in affine_files[:-1])}: folded into the affine stage of "
+                        f"{names[affine_files[-1]]} (fastimpact runs one full affine stage)")
+    for i, ((f, w), kind) in enumerate(zip(results, kinds)):
+        for note in w:
+            if kind == "bspline" and affine_files and "this file has no affine stage" in note:
+                continue  # the affine files give it one
+            warnings.append(f"{names[i]}: {note}")
+        for key, value in f.items():
+            if kind == "affine" and key == "iterations":
+                continue  # an affine file's "no B-spline stage"; the B-spline file decides
+            if kind == "affine" and key == "init" and "init" in fields:
+                continue  # later elastix stages start from the earlier result: the first file initialises
+            if key in fields and fields[key] != value and key not in _AFFINE_STAGE_FIELDS:
+                warnings.append(f"{key} differs between the files ({fields[key]!r}, then {value!r} in {names[i]}): "
+                                f"fastimpact's stages share one {key}: used {value!r}")
+            if kind == "bspline" and key in _AFFINE_STAGE_FIELDS and affine_files:
+                continue  # the affine stage's settings come from the affine files
+            fields[key] = value
+    if kinds[-1] == "affine":
+        fields["iterations"] = 0  # affine files only: no B-spline stage, as elastix would run
+    from .config import RegistrationConfig
+
+    try:
+        RegistrationConfig(**fields)
+    except ConfigError as exc:
+        raise ConfigError(f"elastix parameter files {', '.join(names)} give settings fastimpact rejects: {exc}") from None
     return fields, list(dict.fromkeys(warnings))
 
 
@@ -594,6 +661,61 @@ def _map_misc(p, levels, fields, warnings):
         if str(interpolator[0]).startswith("BSplineInterpolator"):
             warnings.append("BSplineInterpolationOrder not given (elastix default 1): fastimpact interpolates the "
                             "moving image with cubic B-splines during registration")
+
+
+_PYRAMIDS = {"RecursiveImagePyramid": "shrink", "ShrinkingImagePyramid": "shrink", "GenericImagePyramid": "shrink",
+             "SmoothingImagePyramid": "smooth"}
+
+
+def _map_pyramid(p, levels, fields, warnings):
+    """FixedImagePyramid / MovingImagePyramid and their schedules (levels x 3 numbers, per level per
+    axis): recursive -> shrink, smoothing -> smooth, shrinking -> shrink without smoothing, generic ->
+    its rescale and smoothing schedules (sigmas in mm)."""
+    kinds = {}
+    for role in ("Fixed", "Moving"):
+        name = p.first(f"{role}ImagePyramid")
+        if name is not None:
+            base = str(name)[len(role):] if str(name).startswith(role) else str(name)
+            if base not in _PYRAMIDS:
+                raise ConfigError(f"elastix parameter {role}ImagePyramid={name!r} is not supported: use "
+                                  f"{', '.join(role + k for k in _PYRAMIDS)}")
+            kinds[role] = base
+    if kinds and len(set(kinds.values())) > 1:
+        warnings.append(f"FixedImagePyramid {kinds.get('Fixed')} and MovingImagePyramid {kinds.get('Moving')} differ: "
+                        "fastimpact builds both pyramids alike; used the fixed one")
+    kind = kinds.get("Fixed", kinds.get("Moving"))
+    if kind is not None:
+        fields["pyramid"] = _PYRAMIDS[kind]
+
+    def schedule(suffix):
+        found = {}
+        for key in (f"FixedImagePyramid{suffix}", f"MovingImagePyramid{suffix}", f"ImagePyramid{suffix}"):
+            values = p.get(key)
+            if values is not None:
+                found[key] = values
+        if not found:
+            return None
+        key, values = next(iter(found.items()))
+        if len({tuple(map(str, v)) for v in found.values()}) > 1:
+            warnings.append(f"{', '.join(found)} differ: fastimpact uses one pyramid schedule for both images; "
+                            f"used {key}")
+        nums = [_as_float(key, v) for v in values]
+        if len(nums) == levels:
+            return tuple(nums)
+        if len(nums) != 3 * levels:
+            raise ConfigError(f"elastix parameter {key} has {len(nums)} values: give {3 * levels} (NumberOfResolutions "
+                              f"x 3 axes) or {levels}")
+        return tuple(" ".join(repr(v) for v in nums[3 * l: 3 * l + 3]) for l in range(levels))
+
+    rescale = schedule("Schedule") if kind != "GenericImagePyramid" else schedule("RescaleSchedule")
+    if rescale is not None:
+        fields["pyramid_schedule"] = rescale
+    if kind == "GenericImagePyramid":
+        smoothing = schedule("SmoothingSchedule")
+        if smoothing is not None:
+            fields["pyramid_sigma"] = smoothing
+    elif kind == "ShrinkingImagePyramid":
+        fields["pyramid_sigma"] = (0.0,) * levels
 
 
 def _report_unused(p, levels, impact_weight, warnings):

@@ -38,6 +38,9 @@ __all__ = [
     "t2_like",
     "field_error",
     "make_case",
+    "make_cross_grid_case",
+    "oblique_grid",
+    "resample_thick_slices",
     "Case",
     "KINDS",
     "RESOLUTIONS",
@@ -566,4 +569,103 @@ def make_case(
         moving_wm=np.array(wm),
         min_jacobian=min_det,
         info={"smoothness_mm": float(smoothness_mm)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A clinical-like cross-grid pair: the moving image on its own oblique grid with thick slices
+# ---------------------------------------------------------------------------------------------
+
+
+def oblique_grid(shape_mm, center, spacing, angles_deg=(12.0, -8.0, 6.0)):
+    """(shape, affine) of a grid with voxel ``spacing`` (3,) mm covering a box of ``shape_mm`` (3,)
+    mm centred on ``center`` (world RAS mm), its axes rotated by ``angles_deg`` about x, y, z."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    rot = rz @ ry @ rx
+    spacing = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(int(max(4, round(float(e) / float(s)))) for e, s in zip(shape_mm, spacing))
+    affine = np.eye(4)
+    affine[:3, :3] = rot * spacing[None, :]
+    affine[:3, 3] = np.asarray(center, float) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return shape, affine
+
+
+def resample_thick_slices(volume: np.ndarray, vol_affine, shape, affine, *, order: int = 3,
+                          oversample: int = 4, cval: float = 0.0) -> np.ndarray:
+    """``volume`` (on ``vol_affine``) acquired on the grid (``shape``, ``affine``) whose last axis is
+    the slice axis: each slice is the average of ``oversample`` thin sections weighted by a
+    Gaussian slice profile of FWHM = the slice spacing (so a thick slice sees the anatomy
+    across its thickness, as a 2-D MR acquisition does). In-plane: interpolation of ``order``."""
+    vol_affine = np.asarray(vol_affine, dtype=np.float64)
+    affine = np.asarray(affine, dtype=np.float64)
+    coeffs = ndimage.spline_filter(np.asarray(volume, dtype=np.float64), order=order) if order > 1 else volume
+    # thin sections at offsets within +- 1 slice spacing along the slice axis
+    offs = (np.arange(2 * oversample + 1) - oversample) / oversample  # in slices, -1 .. 1
+    sigma = 1.0 / 2.3548  # FWHM = one slice spacing
+    weights = np.exp(-0.5 * (offs / sigma) ** 2)
+    weights /= weights.sum()
+    to_vol = np.linalg.inv(vol_affine) @ affine
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=0)
+    out = np.zeros(shape, dtype=np.float64)
+    for o, w in zip(offs, weights):
+        pts = idx.copy()
+        pts[2] += o
+        q = np.tensordot(to_vol[:3, :3], pts, axes=1) + to_vol[:3, 3, None, None, None]
+        out += w * ndimage.map_coordinates(coeffs, q, order=order, mode="constant", cval=cval, prefilter=False)
+    return out.astype(np.float32)
+
+
+def make_cross_grid_case(resolution: str = "2mm", seed: int = 0, max_mm: float = 10.0, smoothness_mm: float = 40.0,
+                         inplane: float | None = None, slice_mm: float | None = None,
+                         angles_deg=(12.0, -8.0, 6.0), crop=(0.9, 0.95, 0.75), shift_mm=(6.0, -4.0, 5.0)) -> Case:
+    """A T1 / T2-like pair on different grids, the way clinical MR pairs come.
+
+    fixed: the MNI152 T1 warped by ``u_true`` on the template grid (1 or 2 mm isotropic).
+    moving: a T2-like image of the original anatomy acquired on its own oblique grid: in-plane
+    spacing ``inplane`` (default 0.9 x the template spacing), thick slices ``slice_mm`` apart
+    (default 4 mm at 1 mm, 6 mm at 2 mm) with a Gaussian slice profile, axes rotated by
+    ``angles_deg``, covering ``crop`` of the head's extent per axis (so the top and bottom of the
+    head are cut) around a centre shifted by ``shift_mm``. Masks: ``mask`` the fixed brain,
+    ``moving_mask`` the brain on the moving grid. Same ``u_true`` convention as :func:`make_case`.
+    """
+    from .image import Image
+
+    if resolution not in RESOLUTIONS:
+        raise ConfigError(f"resolution must be one of {', '.join(RESOLUTIONS)}; got {resolution!r}")
+    t1, gm, wm, affine = _load_template(resolution)
+    base = float(np.linalg.norm(affine[:3, 0]))
+    inplane = 0.9 * base if inplane is None else float(inplane)
+    slice_mm = (4.0 if resolution == "1mm" else 6.0) if slice_mm is None else float(slice_mm)
+    s_field, s_intensity = np.random.SeedSequence([int(seed), 0xC055]).spawn(2)
+    brain = (gm + wm) > BRAIN_THRESHOLD
+    u, min_det = smooth_displacement(t1.shape, affine, max_mm, s_field, smoothness_mm, mask=brain,
+                                     return_min_jacobian=True)
+    fixed = warp(t1, affine, u, order=3)
+    gm_f = np.clip(warp(gm, affine, u, order=1), 0, 1)
+    wm_f = np.clip(warp(wm, affine, u, order=1), 0, 1)
+    mask = (gm_f + wm_f) > BRAIN_THRESHOLD
+
+    t2 = t2_like(t1, gm, wm, s_intensity)
+    head = np.argwhere(t1 > 0.05 * np.percentile(t1, 99))
+    lo, hi = head.min(0), head.max(0)
+    center_idx = (lo + hi) / 2.0
+    center = affine[:3, :3] @ center_idx + affine[:3, 3] + np.asarray(shift_mm, float)
+    extent = (hi - lo + 1) * base * np.asarray(crop, float)
+    shape, m_aff = oblique_grid(extent, center, (inplane, inplane, slice_mm), angles_deg)
+    moving = resample_thick_slices(t2, affine, shape, m_aff, order=3)
+    to_t = np.linalg.inv(affine) @ m_aff
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=0)
+    q = np.tensordot(to_t[:3, :3], idx, axes=1) + to_t[:3, 3, None, None, None]
+    mgm = ndimage.map_coordinates(np.asarray(gm, np.float64), q, order=1, mode="constant").astype(np.float32)
+    mwm = ndimage.map_coordinates(np.asarray(wm, np.float64), q, order=1, mode="constant").astype(np.float32)
+    return Case(
+        kind="t2-cross-grid", resolution=resolution, seed=int(seed), max_mm=float(max_mm),
+        fixed=Image(fixed, np.array(affine)), moving=Image(moving, m_aff),
+        u_true=u, mask=mask, gm=gm_f, wm=wm_f,
+        moving_mask=(mgm + mwm) > BRAIN_THRESHOLD, moving_gm=mgm, moving_wm=mwm, min_jacobian=min_det,
+        info={"smoothness_mm": float(smoothness_mm), "moving_spacing_mm": [inplane, inplane, slice_mm],
+              "moving_angles_deg": list(angles_deg), "crop": list(crop)},
     )

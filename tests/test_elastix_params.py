@@ -217,6 +217,7 @@ def test_plain_mi_bspline_map(tmp_path):
     fields, warnings = config_from_elastix(write(tmp_path, MI_MAP))
     assert fields == {
         "levels": 3,
+        "pyramid": "shrink",  # FixedRecursiveImagePyramid
         "iterations": 250,
         # elastix reads entry l at level l and entry 0 where a level has none
         "samples": [2048, 4096, 2048],
@@ -372,3 +373,36 @@ def test_settings_fastimpact_cannot_honour_are_errors(params, needle):
     with pytest.raises(ConfigError) as info:
         config_from_elastix({"Transform": "BSplineTransform", "ImpactMode": "Static", **params})
     assert needle in str(info.value)
+
+
+def test_pyramid_kinds_and_schedules_are_read():
+    text = """(NumberOfResolutions 3)
+(FixedImagePyramid "FixedSmoothingImagePyramid")
+(MovingImagePyramid "MovingSmoothingImagePyramid")
+(FixedImagePyramidSchedule 4 4 2  2 2 1  1 1 1)
+(MovingImagePyramidSchedule 4 4 2  2 2 1  1 1 1)
+"""
+    fields, warnings = config_from_elastix(parse_elastix_text(text))
+    assert fields["pyramid"] == "smooth"
+    assert fields["pyramid_schedule"] == ("4.0 4.0 2.0", "2.0 2.0 1.0", "1.0 1.0 1.0")
+    assert not any("Pyramid" in w for w in warnings)
+    cfg = RegistrationConfig(**fields)
+    from fastimpact.pyramid import plan_pyramid
+
+    plan = plan_pyramid((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), 3, cfg.pyramid, cfg.pyramid_schedule, cfg.pyramid_sigma)
+    assert [p.sigma_mm for p in plan.fixed] == [(2.0, 2.0, 1.0), (1.0, 1.0, 0.5), (0.5, 0.5, 0.5)]
+
+    generic = """(NumberOfResolutions 2)
+(FixedImagePyramid "FixedGenericImagePyramid")
+(FixedImagePyramidRescaleSchedule 2 2 2 1 1 1)
+(FixedImagePyramidSmoothingSchedule 3 3 3 0 0 0)
+"""
+    fields, _ = config_from_elastix(parse_elastix_text(generic))
+    assert fields["pyramid"] == "shrink" and fields["pyramid_schedule"] == ("2.0 2.0 2.0", "1.0 1.0 1.0")
+    assert fields["pyramid_sigma"] == ("3.0 3.0 3.0", "0.0 0.0 0.0")
+    fields, _ = config_from_elastix(parse_elastix_text('(NumberOfResolutions 2)\n(FixedImagePyramid "FixedShrinkingImagePyramid")\n'))
+    assert fields["pyramid_sigma"] == (0.0, 0.0)
+    with pytest.raises(ConfigError, match="ImagePyramidSchedule has 4 values"):
+        config_from_elastix(parse_elastix_text("(NumberOfResolutions 2)\n(ImagePyramidSchedule 4 2 2 1)\n"))
+    with pytest.raises(ConfigError, match="FixedImagePyramid"):
+        config_from_elastix(parse_elastix_text('(FixedImagePyramid "FixedFancyPyramid")\n'))

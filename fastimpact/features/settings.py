@@ -75,7 +75,12 @@ def _spread(name: str, values: list, n: int, what: str, level: int) -> list:
     return values
 
 
-def _as_int(name, v, lo):
+def _is_default(v) -> bool:
+    """``None`` / "none" / "auto": the built-in default of a per-model value."""
+    return v is None or (isinstance(v, str) and v.strip().lower() in ("none", "auto"))
+
+
+def _as_int(name, v, lo, what=None):
     try:
         if isinstance(v, bool):
             raise ValueError
@@ -84,10 +89,10 @@ def _as_int(name, v, lo):
             raise ValueError
         return iv
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={v!r} is invalid: use an integer >= {lo}") from None
+        raise ConfigError(f"{name}={v!r} is invalid: use {what or f'an integer >= {lo}'}") from None
 
 
-def _as_float(name, v, positive=True):
+def _as_float(name, v, positive=True, what=None):
     try:
         if isinstance(v, bool):
             raise ValueError
@@ -96,7 +101,52 @@ def _as_float(name, v, positive=True):
             raise ValueError
         return fv
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={v!r} is invalid: use a {'positive' if positive else 'non-negative'} number") from None
+        what = what or f"a {'positive' if positive else 'non-negative'} number"
+        raise ConfigError(f"{name}={v!r} is invalid: use {what}") from None
+
+
+_CHECKED_MODELS: dict = {}
+
+
+def check_user_model(spec) -> None:
+    """Check a user model's ONNX graphs against its manifest before any work (ConfigError, one line).
+
+    Built-in models are skipped (their graphs are tested). Checked: what
+    :func:`fastimpact.onnx_models.validate_with_runtime` checks (input rank, output count, the
+    patch and VJP graphs' names and channels) and, on the full graph, the input channels and
+    each output's rank and channels where the graph fixes them. Without this a wrong manifest
+    surfaced in the middle of the run as ONNX Runtime's own text, with exit status 1 or 2 by
+    where it happened. Results are cached per file version (the driver asks once per level).
+    """
+    from pathlib import Path
+
+    from .. import onnx_models
+
+    manifest = getattr(spec, "manifest_path", None)
+    if manifest is None or Path(manifest).resolve().parent == Path(onnx_models.__file__).resolve().parent:
+        return
+    files = [Path(manifest), Path(spec.path)] + [Path(p) for p in (getattr(spec, "patch_path", None),
+                                                                   getattr(spec, "vjp_path", None),
+                                                                   getattr(spec, "vjp_full_path", None)) if p]
+    key = tuple((str(f), f.stat().st_mtime_ns if f.is_file() else None) for f in files)
+    if key in _CHECKED_MODELS:
+        return
+    sess = onnx_models._open_session(spec.path)
+    rank = spec.dimension + 2
+    dims = sess.get_inputs()[0].shape
+    if len(dims) != rank:
+        raise ConfigError(f"model '{spec.name}': the ONNX graph takes an input of rank {len(dims)} {dims}, but the "
+                          f"manifest's dimension {spec.dimension} means rank {rank}; fix 'dimension' in the manifest")
+    onnx_models.validate_with_runtime(spec)
+    if isinstance(dims[1], int) and dims[1] != spec.input_channels:
+        raise ConfigError(f"model '{spec.name}': the ONNX graph takes {dims[1]} input channel(s) {dims}, its manifest "
+                          f"says input_channels={spec.input_channels}; fix the manifest")
+    for out, layer in zip(sess.get_outputs(), spec.layers):
+        if len(out.shape) != rank or (isinstance(out.shape[1], int) and out.shape[1] != layer.channels):
+            raise ConfigError(f"model '{spec.name}': output '{out.name}' of the ONNX graph has shape {out.shape}, its "
+                              f"manifest says layer '{layer.name}' has {layer.channels} channels (rank {rank}); fix "
+                              "the manifest")
+    _CHECKED_MODELS[key] = True
 
 
 def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel:
@@ -118,9 +168,13 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
     moving = models if moving == [None] else [str(m) for m in _spread("moving_model", moving, n_models, "models", level)]
     layers = _spread("layers", split_entry(pick["layers"]), n_models, "models", level)
     voxel = _spread("voxel_size", split_entry(pick["voxel_size"]), n_models, "models", level)
-    voxel = [None if v in (None, 0, "0", "none", "auto") else _as_float("voxel_size", v) for v in voxel]
+    # 0 is refused, not read as "default": a zero voxel or patch has no meaning, and taking it as
+    # the default would run something other than what was asked for
+    voxel = [None if _is_default(v) else _as_float("voxel_size", v, what="a size in mm > 0, or auto (the level's "
+                                                   "spacing)") for v in voxel]
     patch = _spread("patch_size", split_entry(pick["patch_size"]), n_models, "models", level)
-    patch = [None if v in (None, 0, "0", "none", "auto") else _as_int("patch_size", v, 1) for v in patch]
+    patch = [None if _is_default(v) else _as_int("patch_size", v, 1, what="an odd number of voxels >= 1, or auto "
+                                                 "(the model's)") for v in patch]
     for v in patch:
         if v is not None and v % 2 == 0:
             raise ConfigError(f"patch_size={v} is invalid: use an odd number of voxels (the patch has a centre voxel)")
@@ -140,6 +194,8 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
         specs = []
         for fm, mm in zip(models, moving):
             fs, ms = load_model_spec(fm), load_model_spec(mm)
+            for spec in (fs, ms):
+                check_user_model(spec)
             specs.append((fs, ms))
     kept = []
     for i in range(n_models):
@@ -184,7 +240,24 @@ def impact_settings(cfg, level: int, *, check_files: bool = True) -> ImpactLevel
                 if npca > channels:
                     raise ConfigError(f"pca={npca} exceeds the {channels} channels of layer {k} of model "
                                       f"'{specs[i][0].name}': use at most {channels} (0 = off)")
+                # the subset is drawn from the compared channels: the principal components when
+                # PCA is on (static mode), else the layer's channels
+                pool, what = (npca, f"{npca} principal components kept (pca={npca})") \
+                    if npca and cfg.mode == "static" else (channels, f"{channels} channels")
+                if sub > pool:
+                    raise ConfigError(f"subset={sub} exceeds the {what} of layer {k} of model '{specs[i][0].name}': "
+                                      f"use at most {pool} (0 = all)")
             uses.append(LayerUse(k, d, _as_float("layer_weights", weights[j], positive=True), sub, npca, fnorm))
             j += 1
         out.append(ModelUse(models[i], moving[i], voxel[i], tuple(uses), patch[i]))
     return ImpactLevel(cfg.mode, tuple(out))
+
+
+def with_voxel_default(level: ImpactLevel, voxel_mm: float) -> ImpactLevel:
+    """``level`` with every model that has no ``voxel_size`` set to ``voxel_mm``: the fixed and the
+    moving features of a level are always computed on one voxel size in mm (the driver passes the
+    finest spacing of the fixed level grid, the same for both images whatever their own grids)."""
+    from dataclasses import replace
+
+    return replace(level, models=tuple(m if m.voxel_size is not None else replace(m, voxel_size=float(voxel_mm))
+                                       for m in level.models))
