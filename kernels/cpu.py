@@ -10,8 +10,8 @@ Threads: all cores by default; ``numba.set_num_threads(k)`` limits them (per cal
 machine shared with other busy processes, small (2000-point) parallel calls can stall for a
 scheduler time slice (~4 ms) waiting for a worker; one thread avoids that at ~2x the compute time.
 
-Compiled code is cached next to this file (or in numba's user cache dir when that is read-only),
-so only the first process that meets a given dtype combination pays the compile time (~1 s per
+Compiled code is cached in fastimpact's user cache folder (``fastimpact.cache_dir()``, outside the
+installed package; ``FASTIMPACT_CACHE_DIR`` or ``NUMBA_CACHE_DIR`` override it), so only the first process that meets a given dtype combination pays the compile time (~1 s per
 kernel and dtype).
 """
 
@@ -333,12 +333,16 @@ def _scatter(t, g, grid_shape, nchunks):
 _SCATTER_POINTS_PER_CELL = 0.25
 
 
+_SCATTER_MAX_CHUNKS = 16
+
+
 def _scatter_chunks(npts, grid_cells):
     if npts < SERIAL_BELOW:
         return 1
-    threads = numba.get_num_threads()
+    # a function of the work only, never of the thread count: the chunk sums (in chunk order)
+    # then give the same bits for any --threads
     by_work = int(npts / max(_SCATTER_POINTS_PER_CELL * grid_cells, 1.0))
-    return max(1, min(threads, by_work))
+    return max(1, min(_SCATTER_MAX_CHUNKS, by_work))
 
 
 @_jit

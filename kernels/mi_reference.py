@@ -4,6 +4,12 @@ This module is deliberately plain: dense Parzen weight matrices and matrix produ
 loops over samples. :mod:`fastimpact.kernels.mi_cpu` implements the same numbers with
 Numba and is tested against this file.
 
+Summation order: the matrix products here leave it to BLAS, so this file agrees with the
+kernels to rounding (~1e-15 relative), not bit for bit. The Numba kernel fixes the order
+(chunks of samples laid out from N and the bin counts only, see
+:func:`fastimpact.kernels.mi_cpu.chunk_layout`), so its result does not depend on the
+thread count.
+
 Notation (shared with :mod:`fastimpact.kernels.mi_cpu` and
 :mod:`fastimpact.metrics.mi`):
 

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 pytest.importorskip("onnxruntime")
 
-from fastimpact.errors import ConfigError, RegistrationError  # noqa: E402
+from fastimpact.errors import ConfigError  # noqa: E402
 from fastimpact.features.maps import (  # noqa: E402
     FeatureExtractor,
     IntensityNormalization,
@@ -177,7 +177,7 @@ def _user_model(tmp_path, **changes):
 def test_a_manifest_stride_that_does_not_match_the_graph_is_an_error(tmp_path):
     img = Image(smooth_volume((16, 18, 14)), np.eye(4))
     wrong_stride = _user_model(tmp_path, layers=[{"name": "mind", "channels": 12, "stride": 2}])
-    with pytest.raises(RegistrationError, match="stride"):
+    with pytest.raises(ConfigError, match="stride"):
         maps_of(img, wrong_stride)
 
 
@@ -185,7 +185,7 @@ def test_wrong_manifest_stride_or_channels_is_an_error(tmp_path):
     img = Image(smooth_volume((16, 18, 14)), np.eye(4))
     d1 = tmp_path / "a"
     d1.mkdir()
-    with pytest.raises(RegistrationError, match="channels"):
+    with pytest.raises(ConfigError, match="channels"):
         maps_of(img, _user_model(d1, layers=[{"name": "mind", "channels": 8, "stride": 1}]))
     d2 = tmp_path / "b"
     d2.mkdir()

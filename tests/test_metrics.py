@@ -340,3 +340,43 @@ def test_mi_must_be_prepared_and_samples_validated():
         MeanSquares().value_and_derivative(np.ones(0), np.ones(0))
     with pytest.raises(ValueError, match="equal length"):
         NormalizedCorrelation().value(np.ones(10), np.ones(11))
+
+
+# --- MI kernel: the result does not depend on the thread count -------------------------------
+
+def test_mi_chunk_layout_depends_only_on_samples_and_bins():
+    assert mi_cpu.chunk_layout(10, 32, 32) == (mi_cpu.CHUNK_SAMPLES, 1)
+    chunk, nchunks = mi_cpu.chunk_layout(3 * mi_cpu.CHUNK_SAMPLES + 1, 32, 32)
+    assert (chunk, nchunks) == (mi_cpu.CHUNK_SAMPLES, 4)
+    chunk, nchunks = mi_cpu.chunk_layout(10**7, 32, 32)  # chunk grows, count stays bounded
+    assert nchunks <= mi_cpu.MAX_CHUNKS and chunk * nchunks >= 10**7
+    chunk, nchunks = mi_cpu.chunk_layout(10**6, 256, 256)  # per-chunk histograms <= 8 MiB
+    assert nchunks * 256 * 256 * 8 <= mi_cpu.MAX_CHUNK_BYTES
+
+
+def test_mi_is_bit_identical_for_any_thread_count_and_variant():
+    import numba
+
+    rng = np.random.default_rng(21)
+    n = 3 * mi_cpu.CHUNK_SAMPLES + 123  # 4 chunks, the last one short
+    f = 200.0 * rng.random(n) - 50.0
+    m = np.cos(f / 20.0) + 0.2 * rng.standard_normal(n)
+    metric = MattesMutualInformation(fixed_bins=27, moving_bins=33)
+    metric.prepare(f, m)
+    kwargs = metric.kernel_arguments()
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            for parallel in (False, True):
+                results.append(mi_cpu.mattes_mi(f, m, parallel=parallel, **kwargs))
+    finally:
+        numba.set_num_threads(before)
+    mi0, d0 = results[0]
+    for mi, d in results[1:]:
+        assert mi == mi0  # bit-identical, not merely close
+        assert np.array_equal(d, d0)
+    mi_ref, d_ref = mi_reference.mattes_mi_reference(f, m, **kwargs)
+    assert mi_ref > 0.1 and mi0 == pytest.approx(mi_ref, rel=1e-12)
+    np.testing.assert_allclose(d0, d_ref, rtol=1e-9, atol=1e-12 * np.abs(d_ref).max())

@@ -67,8 +67,33 @@ def test_precision_setting_is_checked_and_reaches_the_networks():
     from fastimpact.image import Image
 
     img = Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4))
-    cfg = RegistrationConfig(metric="impact", mode="jacobian", precision="fp16")
+    cfg = RegistrationConfig(metric="impact", mode="jacobian", precision="fp16", device="cuda")  # fp16: GPU only
     norm = lambda spec: IntensityNormalization.from_image(img.data, None, spec.normalization)  # noqa: E731
     term = build_jacobian_impact(impact_settings(cfg, 0), img, img, norm, norm, precision=cfg.precision)
     t = term.terms[0]
     assert {t.f_patch.precision, t.m_patch.precision, t.m_vjp.precision} == {"fp16"}
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_work():
+    from fastimpact.features.precision import check_precision
+
+    with pytest.raises(ConfigError) as err:
+        RegistrationConfig(metric="impact", mode="jacobian", precision="fp16")  # device cpu (the default)
+    msg = str(err.value)
+    assert "\n" not in msg and "precision=fp16" in msg and "--precision fp32" in msg and "--device cuda" in msg
+    with pytest.raises(ConfigError, match="precision=fp16"):
+        check_precision("fp16", "cpu")  # what the driver calls once device auto has resolved
+    check_precision("fp16", "cuda")
+    check_precision("tf32", "cpu")
+    RegistrationConfig(metric="impact", precision="fp16", device="auto")  # decided once the device is known
+    RegistrationConfig(metric="mse", precision="fp16")  # no feature networks run
+
+
+def test_float16_conversion_prints_no_truncation_warnings():
+    import warnings
+
+    spec = load_model_spec("deepbet")  # has float32 constants below float16's smallest subnormal
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        to_float16(onnx.load(str(spec.path)))
+    assert not [w for w in caught if "truncated" in str(w.message)]

@@ -335,7 +335,7 @@ class FeatureExtractor:
         for i, r in zip(outputs, res):
             c = self.spec.layers[i].channels
             if r.ndim != batch.ndim or r.shape[0] != batch.shape[0] or r.shape[1] != c:
-                raise RegistrationError(f"model '{self.spec.name}' output {i} has shape {list(r.shape)}, its manifest "
+                raise ConfigError(f"model '{self.spec.name}' output {i} has shape {list(r.shape)}, its manifest "
                                         f"says {c} channels for a batch of {batch.shape[0]}; fix the manifest")
         return res
 
@@ -430,7 +430,7 @@ def compute_feature_maps(image: Image, extractor: FeatureExtractor, outputs, nor
             src, dst = [], []
             for k, (a, b, ia, ib) in enumerate(spans):
                 if feat.shape[k] != math.ceil(block.shape[k] / s_l):
-                    raise RegistrationError(
+                    raise ConfigError(  # a wrong manifest is bad input (exit 2), like every manifest error
                         f"model '{spec.name}' layer {spec.layers[i].name} gives {feat.shape[k]} voxels for "
                         f"{block.shape[k]} input voxels, but its manifest stride {s_l} means "
                         f"{math.ceil(block.shape[k] / s_l)}: fix the stride in the manifest")

@@ -9,16 +9,32 @@
   inside the graph (e.g. of exported ``.to(float32)`` calls) become casts to float16, since every
   other tensor they meet is now float16. ONNX Runtime's CPU kernels have few float16
   implementations (slow, and some ops such as ScatterElements with ``add`` are missing), so fp16
-  is meant for the CUDA provider.
+  runs on the CUDA provider only: :func:`check_precision` refuses it on the CPU before any work
+  (the config does so for ``device = cpu``, the driver for a device resolved to the CPU).
 """
 
 from __future__ import annotations
 
+import warnings
+
 from ..errors import ConfigError
 
-__all__ = ["PRECISIONS", "cuda_provider_options", "to_float16"]
+__all__ = ["PRECISIONS", "check_precision", "cuda_provider_options", "to_float16"]
 
 PRECISIONS = ("fp32", "tf32", "fp16")
+
+
+def check_precision(precision: str, backend: str) -> None:
+    """Raise ConfigError when ``precision`` cannot run on ``backend`` ('cpu' or 'cuda').
+
+    fp16 needs the CUDA provider: on the CPU, ONNX Runtime lacks float16 kernels that the
+    graphs use (the Jacobian mode's VJP graphs fail at their first run) and is slower than
+    float32 where it has them. tf32 only changes the CUDA provider, so on the CPU it is fp32.
+    """
+    if precision == "fp16" and backend != "cuda":
+        raise ConfigError(f"precision=fp16 needs the GPU (device cuda), but the run is on the {backend.upper()}: "
+                          "ONNX Runtime's CPU provider lacks float16 kernels these graphs use; use --precision "
+                          "fp32 on the CPU, or --device cuda")
 
 
 def cuda_provider_options(precision: str) -> dict:
@@ -63,7 +79,11 @@ def to_float16(model):
     # the graph's own casts to float32 (not the ones the converter inserts around blocked ops)
     own_casts = {n.name for n in src.graph.node if n.op_type == "Cast" and n.name
                  and any(a.name == "to" and a.i == TensorProto.FLOAT for a in n.attribute)}
-    out = float16.convert_float_to_float16(src, keep_io_types=True)
+    with warnings.catch_warnings():
+        # "the float32 number 5.96e-08 will be truncated to 1e-07", once per tiny constant: the
+        # expected effect of float16 (whose accuracy tests/test_precision.py states), not news
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        out = float16.convert_float_to_float16(src, keep_io_types=True)
     graph_outputs = {o.name for o in out.graph.output}
     for node in out.graph.node:
         if node.name in own_casts and node.output[0] not in graph_outputs:
