@@ -32,7 +32,15 @@ def show_model(
 
     spec = load_model_spec(name)
     if check:
-        validate_with_runtime(spec)
+        try:
+            validate_with_runtime(spec)
+        except ImportError as exc:
+            if not (exc.name or "").startswith("onnxruntime"):
+                raise
+            from fastimpact.errors import BackendError
+
+            raise BackendError("checking a model needs ONNX Runtime, which is not installed: "
+                               'pip install "fastimpact[cpu]" (or pass --no-check to print the manifest only)') from None
     typer.echo(json.dumps(spec.to_dict(), indent=2))
 
 

@@ -8,7 +8,9 @@ Every backend implements every operation with the same signature and results; th
 reference (``fastimpact.kernels.reference``) documents shapes, dtypes and coordinate conventions.
 Backends are imported on first lookup, so ``import fastimpact.kernels`` does not import numba
 (and only the ``cuda`` backend imports ``numba.cuda``; without a GPU it needs
-``NUMBA_ENABLE_CUDASIM=1``, the simulator the tests use).
+``NUMBA_ENABLE_CUDASIM=1``, the simulator the tests use). Compiled ``cache=True`` kernels are cached
+in :func:`fastimpact.cache_dir` (a user cache folder, never this package's folder), which
+``import fastimpact`` (always run before this module) hands to Numba.
 
 Operations (image ops take voxel indices, transform ops control-grid indices):
 
