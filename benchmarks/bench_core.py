@@ -198,6 +198,9 @@ def _elastix_worker(spec_path: str) -> None:
     elx.SetMovingImage(moving)
     elx.SetParameterObject(params)
     elx.SetNumberOfThreads(threads)
+    for key, setter in (("fixed_mask", "SetFixedMask"), ("moving_mask", "SetMovingMask")):
+        if spec.get(key):  # masks as elastix wants them: unsigned char images
+            getattr(elx, setter)(itk.imread(spec[key], itk.UC))
     # No output directory: elastix writes nothing itself (with one it would also save its own
     # result image); its log goes to stdout, which the parent keeps as elastix.log.
     elx.SetLogToConsole(True)
@@ -302,14 +305,17 @@ def _last_json_line(text: str) -> dict | None:
     return None
 
 
-def run_elastix(fixed: Path, moving: Path, out: Path, maps, threads: int, timeout: float) -> dict:
+def run_elastix(fixed: Path, moving: Path, out: Path, maps, threads: int, timeout: float, *,
+                fixed_mask: Path | None = None, moving_mask: Path | None = None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     spec = out / "worker_spec.json"
     result_file = out / "worker_result.json"
     spec.write_text(json.dumps({"fixed": str(fixed), "moving": str(moving), "out": str(out),
-                                "maps": maps, "threads": threads, "result": str(result_file)}))
+                                "maps": maps, "threads": threads, "result": str(result_file),
+                                "fixed_mask": str(fixed_mask) if fixed_mask else None,
+                                "moving_mask": str(moving_mask) if moving_mask else None}))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--elastix-worker", str(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
     proc, wall, cpu = _timed_run(cmd, env, timeout, cwd=out)

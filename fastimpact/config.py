@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .pyramid import PYRAMID_KINDS, plan_pyramid
 
 METRIC_NAMES = ("mse", "ncc", "mi", "impact")
 INIT_NAMES = ("moments", "geometry", "none")
@@ -30,6 +31,7 @@ IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "patch_size
 IMPACT_MODES = ("static", "jacobian", "jacobian-dense")
 JACOBIAN_CHAINS = ("centre", "exact")
 PRECISIONS = ("fp32", "tf32", "fp16")
+FOV_MASK_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,24 @@ class RegistrationConfig:
 
     metric: similarity to minimise: mse | ncc | mi | impact, or a weighted sum such as
         "impact + 0.1*mi" (each term ``[weight*]name``).
-    levels: pyramid levels; level l has shrink factor 2**(levels-1-l) of the finest spacing.
+    levels: pyramid levels; level l has the target spacing 2**(levels-1-l) times the smallest voxel
+        spacing of the two images, the same in mm for fixed and moving (see fastimpact.pyramid).
+    pyramid: shrink (smoothing + per-axis downsampling; an axis is never made coarser than the
+        level's target spacing) or smooth (elastix's smoothing pyramid: no downsampling).
+    pyramid_schedule: explicit shrink factors per level (coarse to fine), one number or three per
+        level (per image axis, voxels), as elastix's FixedImagePyramidSchedule; None = automatic.
+    fov_mask: auto (an image given without a mask whose real data fill a cylinder inside a constant
+        background, as cone-beam CT, gets that field of view as its mask; see fastimpact.fov) or off.
+    pyramid_sigma: explicit Gaussian sigmas in mm per level (one number or three); None = 0.5 x the
+        level's spacing on shrunk axes (shrink) or on every axis (smooth).
     iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage
         (0 iterations skip a level; 0 at every level gives an affine-only registration).
     grid_spacing: B-spline control-point spacing at the finest level, mm; doubled per coarser level.
     affine: run an optimised affine stage before the B-spline stage.
     affine_iterations: ASGD iterations per level of the affine stage.
     init: initial affine: moments (centres of mass), geometry (image centres) or none.
+    initial_transform: a file with the initial affine (fastimpact transform.json, ITK .tfm/.h5/.mat, elastix
+        TransformParameters file; fixed -> moving), used instead of ``init`` (default none).
     bins: histogram bins of Mattes mutual information.
     bending_weight: weight of the bending-energy penalty added to the metric (0 = off).
     max_step: ASGD maximum step length in mm (elastix's default: mean x/y spacing of the inputs).
@@ -79,17 +92,25 @@ class RegistrationConfig:
     feature_memory: static mode: memory budget of one inference, GB.
     precision: arithmetic of the feature networks: fp32 (exact float32), tf32 (float32 storage,
         TensorFloat-32 matrix products on the GPU; the same as fp32 on the CPU) or fp16 (graphs
-        converted to float16 with float32 inputs and outputs; meant for the GPU).
+        converted to float16 with float32 inputs and outputs; GPU only: refused on the CPU).
+    memory: memory budget of the whole run, GB (None: what the machine offers); a run whose
+        estimated peak (fastimpact.memory) exceeds it, or the available memory, is refused before
+        any work.
     """
 
     metric: str = "mse"
     levels: int = 3
+    pyramid: str = "shrink"
+    pyramid_schedule: Any = None
+    pyramid_sigma: Any = None
+    fov_mask: str = "auto"
     iterations: Any = 500
     samples: Any = 2000
     grid_spacing: float = 8.0
     affine: bool = True
     affine_iterations: Any = 250
     init: str = "moments"
+    initial_transform: str | None = None
     bins: int = 32
     bending_weight: Any = 0.0
     max_step: float | None = None
@@ -113,6 +134,7 @@ class RegistrationConfig:
     tile_size: int = 0
     feature_memory: float = 4.0
     precision: str = "fp32"
+    memory: float | None = None
 
     def __post_init__(self):
         for name in PER_LEVEL + IMPACT_PER_LEVEL:  # lists and tuples compare equal after a file round trip
@@ -123,6 +145,14 @@ class RegistrationConfig:
         _choice("jacobian_chain", self.jacobian_chain, JACOBIAN_CHAINS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("init", self.init, INIT_NAMES)
+        _choice("pyramid", self.pyramid, PYRAMID_KINDS)
+        _choice("fov_mask", self.fov_mask, FOV_MASK_MODES)
+        for name in ("pyramid_schedule", "pyramid_sigma"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.pyramid_schedule is not None or self.pyramid_sigma is not None:
+            plan_pyramid((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), self.levels, self.pyramid, self.pyramid_schedule,
+                         self.pyramid_sigma)  # validates both schedules
         _choice("interpolation", self.interpolation, INTERPOLATIONS)
         _choice("device", self.device, DEVICES)
         _choice("asgd_estimation", self.asgd_estimation, ASGD_ESTIMATIONS)
@@ -136,11 +166,17 @@ class RegistrationConfig:
             _number("max_step", self.max_step, positive=True)
         _int("tile_size", self.tile_size, 0, 100_000)
         _number("feature_memory", self.feature_memory, positive=True)
+        if self.memory is not None:
+            _number("memory", self.memory, positive=True)
         if self.uses_impact():
             from .features.settings import impact_settings
 
             for level in range(self.levels):
                 impact_settings(self, level, check_files=False)
+            if self.device == "cpu":  # device auto: checked by the driver once the device is known
+                from .features.precision import check_precision
+
+                check_precision(self.precision, "cpu")
         if not isinstance(self.affine, bool):
             raise ConfigError(f"affine={self.affine!r} is invalid: use true or false")
         for name in PER_LEVEL:

@@ -34,13 +34,25 @@ __all__ = [
     "lps_to_ras",
     "ras_matrix_to_lps",
     "output_dir",
+    "remove_stale_temporaries",
     "atomic_write_path",
     "NIFTI_EXTENSIONS",
+    "ITK_EXTENSIONS",
+    "affine_from_itk",
+    "itk_from_affine",
     "XFORM_CODE",
 ]
 
 #: File name endings read and written (case-insensitive).
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+
+#: Endings read and written through SimpleITK (the ``itk`` extra); a folder is read as a DICOM series.
+ITK_EXTENSIONS = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+#: The two-file formats among them (a header plus a data file named after it).
+ITK_HEADER_EXTENSIONS = (".mhd", ".nhdr")
+
+_ITK_HINT = 'pip install "fastimpact[itk]"'
 
 #: sform/qform code written by :func:`save_image` and :func:`save_displacement_itk`:
 #: 1 = NIFTI_XFORM_SCANNER_ANAT. The same affine goes into both sform and qform, so readers that
@@ -88,13 +100,20 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_extension(p: Path, who: str) -> None:
-    if not p.name.lower().endswith(NIFTI_EXTENSIONS):
+def _check_extension(p: Path, who: str, nifti_only: bool = False) -> None:
+    ok = NIFTI_EXTENSIONS if nifti_only else NIFTI_EXTENSIONS + ITK_EXTENSIONS
+    if not p.name.lower().endswith(ok):
         suffix = "".join(p.suffixes) or "(none)"
         raise ImageIOError(
             f"{who} has an unsupported extension {suffix}; fastimpact reads and writes NIfTI "
-            "(.nii, .nii.gz): convert it first (e.g. with SimpleITK or 3D Slicer)"
+            + ("(.nii, .nii.gz)" if nifti_only else "(.nii, .nii.gz), MetaImage (.mha, .mhd), NRRD (.nrrd, .nhdr) "
+               "and DICOM series folders")
+            + ": convert it first (e.g. with SimpleITK or 3D Slicer)"
         )
+
+
+def _is_itk_path(p: Path) -> bool:
+    return p.name.lower().endswith(ITK_EXTENSIONS)
 
 
 def _check_readable_file(p: Path, who: str) -> None:
@@ -234,6 +253,8 @@ def load_image(path, *, role: str = "image", dtype=None, allow_nonfinite: bool =
     p = Path(path)
     name = str(path)
     who = describe(role, name)
+    if p.is_dir() or (_is_itk_path(p) and p.exists()):
+        return _load_itk(p, role, name, dtype, allow_nonfinite)
     _check_readable_file(p, who)
     img = _nib_load(p, who)
     shape3 = _squeeze_to_3d(img.shape, who)
@@ -315,9 +336,8 @@ def _write(nimg, p: Path, who: str) -> None:
         if p.name.lower().endswith(".gz") and _fast_gzip() is not None:
             # ISA-L's deflate at level 1 is ~10x faster than zlib's for these volumes (a 1 mm
             # brain displacement field: 0.24 s vs 2.8 s) and any gzip reader reads it.
-            data = _fast_gzip().compress(nimg.to_bytes(), 1)
             with open(p, "wb") as fh:
-                fh.write(data)
+                _write_gzip(fh, nimg.to_bytes())
         else:
             nimg.to_filename(str(p))
     except MemoryError:
@@ -338,15 +358,8 @@ def _write_raw(header, disk_order: np.ndarray, p: Path, who: str) -> None:
     data = memoryview(np.ascontiguousarray(disk_order)).cast("B")
     try:
         if p.name.lower().endswith(".gz"):
-            try:
-                from isal import isal_zlib as zlib_mod  # ISA-L deflate, ~10x faster than zlib
-            except ImportError:  # pragma: no cover - platforms without isal wheels
-                import zlib as zlib_mod
-            co = zlib_mod.compressobj(1, zlib_mod.DEFLATED, 31)  # wbits 31: a gzip member
             with open(p, "wb") as fh:
-                fh.write(co.compress(blob))
-                fh.write(co.compress(data))
-                fh.write(co.flush())
+                _write_gzip(fh, blob, data)
         else:
             with open(p, "wb") as fh:
                 fh.write(blob)
@@ -355,6 +368,29 @@ def _write_raw(header, disk_order: np.ndarray, p: Path, who: str) -> None:
         raise
     except OSError as e:
         raise ImageIOError(f"{who} cannot be written ({_one_line(e)}); choose another path") from None
+
+
+#: Bytes compressed per call when writing gzip: the compressed output is written as it comes,
+#: so a volume never has a second (compressed) copy in memory.
+GZIP_CHUNK = 16 << 20
+
+
+def _write_gzip(fh, *buffers) -> None:
+    """Write ``buffers`` (bytes-like, in order) to ``fh`` as one gzip member, deflate level 1.
+
+    The gzip header carries mtime 0 (no timestamp, so identical runs write identical bytes) and
+    the data go through in :data:`GZIP_CHUNK` pieces (no whole compressed copy in memory).
+    """
+    try:
+        from isal import isal_zlib as zlib_mod  # ISA-L deflate, ~10x faster than zlib
+    except ImportError:  # pragma: no cover - platforms without isal wheels
+        import zlib as zlib_mod
+    co = zlib_mod.compressobj(1, zlib_mod.DEFLATED, 31)  # wbits 31: a gzip member, mtime 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        for start in range(0, len(view), GZIP_CHUNK):
+            fh.write(co.compress(view[start:start + GZIP_CHUNK]))
+    fh.write(co.flush())
 
 
 def _fast_gzip():
@@ -382,6 +418,8 @@ def save_image(img: Image, path, dtype=None) -> None:
     who = describe("output", str(path))
     _check_extension(p, who)
     data = to_numpy(img.data)
+    if _is_itk_path(p):
+        return _save_itk(data, img.affine, p, who, dtype)
     if dtype is None:
         out = _nifti_dtype(data.dtype)
         if out != data.dtype:
@@ -397,6 +435,139 @@ def save_image(img: Image, path, dtype=None) -> None:
     # Values are stored exactly as given: no slope/intercept.
     nimg.header.set_slope_inter(np.nan, np.nan)
     _write(nimg, p, who)
+
+
+# -- ITK formats (MetaImage, NRRD, DICOM) through SimpleITK ---------------------------------------
+
+def affine_from_itk(origin, spacing, direction) -> np.ndarray:
+    """ITK geometry (LPS origin, spacing, row-major 3x3 direction cosines) -> voxel -> RAS affine.
+
+    ITK places index ``(i, j, k)`` at ``origin + D @ diag(spacing) @ (i, j, k)`` in LPS; RAS flips
+    the first two world axes: ``A = F @ [D diag(s) | origin]`` with ``F = diag(-1, -1, 1)``.
+    """
+    a = np.eye(4)
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    a[:3, :3] = d * np.asarray(spacing, dtype=np.float64).reshape(1, 3)
+    a[:3, 3] = np.asarray(origin, dtype=np.float64).reshape(3)
+    a[:3] *= _LPS_FLIP[:, None]
+    return a
+
+
+def itk_from_affine(affine) -> tuple:
+    """Voxel -> RAS affine -> ITK geometry ``(origin, spacing, direction)`` (LPS; direction row-major
+    9-tuple with unit columns). Exact inverse of :func:`affine_from_itk`; a sheared affine keeps its
+    (non-orthogonal) direction columns."""
+    a = np.asarray(affine, dtype=np.float64)[:3] * _LPS_FLIP[:, None]
+    spacing = np.linalg.norm(a[:, :3], axis=0)
+    direction = a[:, :3] / spacing
+    return tuple(a[:, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
+
+
+def _sitk(who: str, what: str):
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise ImageIOError(f"{who}: {what} needs SimpleITK, which is not installed: {_ITK_HINT}") from None
+    return sitk
+
+
+def _read_dicom_series(sitk, p: Path, who: str):
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    except Exception as e:
+        raise ImageIOError(f"{who} cannot be read as a DICOM series folder ({_one_line(e)})") from None
+    if not ids:
+        raise ImageIOError(
+            f"{who} is a folder with no DICOM series in it; give an image file (.nii, .nii.gz, .mha, .mhd, .nrrd) "
+            "or the folder of one DICOM series"
+        )
+    if len(ids) > 1:
+        raise ImageIOError(
+            f"{who} holds {len(ids)} DICOM series ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}); "
+            "give the folder of one series (move the others out)"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _load_itk(p: Path, role: str, name: str, dtype, allow_nonfinite: bool) -> Image:
+    """load_image for MetaImage / NRRD files and DICOM series folders (see :func:`load_image`)."""
+    who = describe(role, name)
+    if p.is_dir():
+        sitk = _sitk(who, "reading a DICOM series folder")
+        simg = _read_dicom_series(sitk, p, who)
+    else:
+        _check_readable_file(p, who)
+        sitk = _sitk(who, f"reading {''.join(p.suffixes[-1:])} files")
+        try:
+            simg = sitk.ReadImage(str(p))
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise ImageIOError(
+                f"{who} cannot be read ({_one_line(e)}); check that it is a valid, complete "
+                f"{p.suffix} file (and its data file, for .mhd/.nhdr)"
+            ) from None
+    if simg.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(
+            f"{who} has {simg.GetNumberOfComponentsPerPixel()} components per voxel (a vector, RGB or complex "
+            "image); fastimpact registers scalar images: convert it to a grey-level image first"
+        )
+    size = tuple(int(n) for n in simg.GetSize())
+    shape3 = _squeeze_to_3d(size, who)
+    if simg.GetDimension() > 3:
+        simg = simg[:, :, :, 0] if simg.GetDimension() == 4 else simg
+    data = sitk.GetArrayFromImage(simg)  # (z, y, x): ITK index (i, j, k) is data[k, j, i]
+    data = np.ascontiguousarray(data.reshape(shape3[::-1]).transpose(2, 1, 0))
+    if data.dtype.kind not in "biuf":
+        raise ImageError(f"{who} stores data of type {data.dtype}; fastimpact registers scalar images")
+    try:
+        affine = affine_from_itk(simg.GetOrigin()[:3], simg.GetSpacing()[:3],
+                                 np.asarray(simg.GetDirection()).reshape(simg.GetDimension(), -1)[:3, :3])
+    except Exception:  # pragma: no cover - ITK has validated its geometry
+        raise ImageError(f"{who} has an unreadable geometry (origin, spacing, direction); fix the header") from None
+    spacing = np.asarray(simg.GetSpacing()[:3], dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ImageError(f"{who} has invalid voxel spacing {tuple(spacing.tolist())} mm: spacing must be finite and "
+                         "> 0; fix the header")
+    affine = check_affine(affine, role, name)
+    target = None if dtype is None else np.dtype(dtype)
+    if target is not None:
+        if target.kind not in "biuf":
+            raise ImageError(f"dtype {target} is not supported; use a float or integer type")
+        data = _to_integer(data, target, who) if target.kind in "biu" else data.astype(target)
+    image = Image(data, affine, name)
+    if not allow_nonfinite:
+        check_finite(image, role)
+    return image
+
+
+def _save_itk(data: np.ndarray, affine, p: Path, who: str, dtype) -> None:
+    """save_image for .mha / .mhd / .nrrd / .nhdr (compressed; the same dtype rules as NIfTI)."""
+    sitk = _sitk(who, f"writing {p.suffix} files")
+    if dtype is None:
+        out = _nifti_dtype(data.dtype)
+        if out != data.dtype:
+            data = data.astype(out)
+    else:
+        out = _nifti_dtype(np.dtype(dtype))
+        if data.dtype != out:
+            data = _to_integer(data, out, who) if out.kind in "iu" else data.astype(out)
+    if data.ndim != 3:
+        raise ImageError(f"{who}: data of shape {data.shape} is not 3-D; nothing was written")
+    simg = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)), isVector=False)
+    origin, spacing, direction = itk_from_affine(affine)
+    simg.SetOrigin(origin)
+    simg.SetSpacing(spacing)
+    simg.SetDirection(direction)
+    try:
+        sitk.WriteImage(simg, str(p), True)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ImageIOError(f"{who} cannot be written ({_one_line(e)}); choose another path") from None
 
 
 # -- displacement fields (ITK convention) --------------------------------------------------------
@@ -421,7 +592,7 @@ def save_displacement_itk(field, reference: Image, path) -> None:
 
     p = Path(path)
     who = describe("displacement field", str(path))
-    _check_extension(p, who)
+    _check_extension(p, who, nifti_only=True)
     u = to_numpy(field)
     if u.shape != reference.shape + (3,):
         raise ImageError(
@@ -459,8 +630,11 @@ def load_displacement_itk(path) -> tuple[np.ndarray, Image]:
     reference : Image with the field's grid (shape and affine). Its ``data`` is a read-only
         zero placeholder of shape (X, Y, Z), dtype uint8, that takes no memory.
 
-    The file must be 5-D (X, Y, Z, 1, 3) with intent 'vector' (1007) or 'dispvect' (1006) and
-    components in LPS, the convention of ITK and ANTs.
+    The file must be 5-D (X, Y, Z, 1, 3) with intent 'vector' (1007) or 'dispvect' (1006). The
+    intent decides the vector convention, as ITK (5.3 and later) reads and writes them: 1007
+    holds LPS components (ITK's own, ANTs, :func:`save_displacement_itk`); 1006 holds RAS
+    components, NIfTI's world frame (current ITK, 3D Slicer and FreeSurfer write 1006 so and ITK
+    flips them to LPS on reading).
     """
     p = Path(path)
     name = str(path)
@@ -488,7 +662,8 @@ def load_displacement_itk(path) -> tuple[np.ndarray, Image]:
         raise ImageIOError(
             f"{who} is truncated or corrupt: reading its voxels failed ({_one_line(e)})"
         ) from None
-    field = lps.reshape(shape[:3] + (3,)) * _LPS_FLIP
+    stored = lps.reshape(shape[:3] + (3,))
+    field = stored if intent == _NIFTI_INTENT_DISPVECT else stored * _LPS_FLIP
     if not np.all(np.isfinite(field)):
         raise ImageError(f"{who} contains NaN/Inf displacements; the field is unusable")
     placeholder = np.broadcast_to(np.zeros((), dtype=np.uint8), shape[:3])
@@ -508,7 +683,14 @@ def _make_dirs(folder: Path) -> list[Path]:
         d = d.parent
     created = []
     for d in reversed(missing):
-        d.mkdir()
+        try:
+            d.mkdir()
+        except FileExistsError:
+            # another run made it between the check and here (concurrent runs into one new
+            # folder): fine when it is a folder, and not ours to remove on failure
+            if not d.is_dir():
+                raise
+            continue
         created.append(d)
     return created
 
@@ -519,6 +701,101 @@ def _remove_empty(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             break
+
+
+_DEFER: dict = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A block that an interruption must not cut (moving a set of outputs into place).
+
+    A cooperating signal handler (the command line's SIGINT / SIGTERM handler) calls
+    :func:`defer_interrupt` with the exception it would raise; inside this block the exception is
+    kept and raised when the block ends, so the block runs to its end.
+    """
+    _DEFER["depth"] += 1
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _DEFER["depth"] -= 1
+        pending = _DEFER["pending"] if _DEFER["depth"] == 0 else None
+        if _DEFER["depth"] == 0:
+            _DEFER["pending"] = None
+    if ok and pending is not None:
+        raise pending
+
+
+def defer_interrupt(exc: BaseException) -> bool:
+    """For signal handlers: True when inside :func:`signals_deferred` (``exc`` is raised at its end)."""
+    if _DEFER["depth"] > 0:
+        if _DEFER["pending"] is None:
+            _DEFER["pending"] = exc
+        return True
+    return False
+
+
+#: Temporary outputs are named ``.fastimpact-tmp-<host>-<pid>-XXXX``: a later run can tell a
+#: folder left by a killed process (SIGKILL, power loss) from one a running process is writing.
+TMP_PREFIX = ".fastimpact-tmp-"
+
+#: A temporary entry older than this (seconds) is removed whoever made it.
+TMP_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _tmp_prefix() -> str:
+    import socket
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{TMP_PREFIX}{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists (another user's process) or cannot tell
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Remove ``.fastimpact-tmp-*`` entries in ``folder`` left by dead processes of this machine, and
+    any older than :data:`TMP_MAX_AGE_S`. Returns the names removed; never raises."""
+    import socket
+    import time
+
+    removed = []
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    try:
+        entries = [e for e in Path(folder).iterdir() if e.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return removed
+    now = time.time()
+    for e in entries:
+        rest = e.name[len(TMP_PREFIX):].split("-")
+        stale = False
+        if len(rest) >= 3 and rest[0] == host and rest[1].isdigit():
+            pid = int(rest[1])
+            stale = pid != os.getpid() and not _pid_alive(pid)
+        if not stale:
+            try:
+                stale = now - e.lstat().st_mtime > TMP_MAX_AGE_S
+            except OSError:
+                continue
+        if stale:
+            try:
+                if e.is_dir() and not e.is_symlink():
+                    shutil.rmtree(e)
+                else:
+                    e.unlink()
+                removed.append(e.name)
+            except OSError:
+                pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -548,7 +825,8 @@ def output_dir(path, *, force: bool, names=()):
     except OSError as e:
         raise ImageIOError(f"{who} is not writable ({_one_line(e)}); choose another -o") from None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".fastimpact-tmp-", dir=target))
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=target))
     except OSError as e:
         _remove_empty(created)
         raise ImageIOError(f"{who} is not writable ({_one_line(e)}); choose another -o") from None
@@ -562,14 +840,15 @@ def output_dir(path, *, force: bool, names=()):
                 raise ImageIOError(
                     f"output '{dst}' exists; pass --force to overwrite or choose another -o"
                 )
-        for src in entries:
-            dst = target / src.name
-            if src.is_dir() and dst.is_dir():
-                shutil.rmtree(dst)
-            try:
-                os.replace(src, dst)
-            except OSError as e:
-                raise ImageIOError(f"output '{dst}' cannot be written ({_one_line(e)})") from None
+        with signals_deferred():  # an interruption now would leave old and new outputs mixed
+            for src in entries:
+                dst = target / src.name
+                if src.is_dir() and dst.is_dir():
+                    shutil.rmtree(dst)
+                try:
+                    os.replace(src, dst)
+                except OSError as e:
+                    raise ImageIOError(f"output '{dst}' cannot be written ({_one_line(e)})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
@@ -600,7 +879,8 @@ def atomic_write_path(path, force: bool):
         ) from None
     ending = ".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix
     try:
-        fd, tmpname = tempfile.mkstemp(prefix=".fastimpact-tmp-", suffix=ending, dir=p.parent)
+        remove_stale_temporaries(p.parent)
+        fd, tmpname = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=ending, dir=p.parent)
         os.close(fd)
     except OSError as e:
         _remove_empty(created)

@@ -98,6 +98,10 @@ class Result:
     ``transform`` maps fixed world points to moving world points (RAS mm).
     ``displacement`` (lazy): u(x) = T(x) - x on the fixed voxel grid, (X, Y, Z, 3) mm.
     ``warped`` (lazy): the moving image resampled on the fixed grid.
+    ``quality()`` (lazy): Jacobian-determinant figures of the field (inside / outside ``fixed_mask``,
+    or a foreground of the fixed image without one) and ``warnings``: lines saying what looks
+    unreliable (a level whose metric rose, many clipped steps, folds, a large deformation) and what
+    to try; both go into ``report`` ('quality', 'warnings') and report.json.
     """
 
     transform: CompositeTransform
@@ -109,6 +113,8 @@ class Result:
     _displacement: np.ndarray | None = field(default=None, repr=False)
     _warped: Image | None = field(default=None, repr=False)
     _moving_coef: np.ndarray | None = field(default=None, repr=False)
+    fixed_mask: np.ndarray | None = field(default=None, repr=False)  # (X, Y, Z) bool on the fixed grid
+    _jacobian: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def displacement(self) -> np.ndarray:
@@ -130,24 +136,62 @@ class Result:
             self.report.setdefault("timings_s", {})["warp"] = round(time.perf_counter() - t0, 4)
         return self._warped
 
-    def save(self, outdir, *, force: bool = False, fixed_name: str | None = None, moving_name: str | None = None) -> dict:
-        """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json atomically."""
-        return save_outputs(self, outdir, force=force, fixed_name=fixed_name, moving_name=moving_name)
+    def quality(self) -> dict:
+        """report['quality'] (computed once; also sets report['warnings'])."""
+        if "quality" not in self.report:
+            from .evaluation import assess_registration
+
+            t0 = time.perf_counter()
+            quality, warnings, det = assess_registration(
+                self.displacement, self.fixed.affine, stages=self.report.get("stages", ()),
+                fixed_mask=self.fixed_mask, fixed_data=self.fixed.data,
+                affine_matrix=self.transform.affine.as_matrix())
+            self._jacobian = det
+            self.report["quality"] = quality
+            self.report["warnings"] = warnings
+            self.report.setdefault("timings_s", {})["quality"] = round(time.perf_counter() - t0, 4)
+        return self.report["quality"]
+
+    @property
+    def warnings(self) -> list[str]:
+        """What looks unreliable in this result, one line each (empty when nothing does)."""
+        self.quality()
+        return self.report["warnings"]
+
+    @property
+    def jacobian(self) -> np.ndarray:
+        """(X, Y, Z) Jacobian determinant of x -> x + u(x) on the fixed grid (<= 0: folds)."""
+        if self._jacobian is None:
+            from .evaluation import jacobian_determinant
+
+            self._jacobian = jacobian_determinant(self.displacement, self.fixed.affine)
+        return self._jacobian
+
+    def save(self, outdir, *, force: bool = False, fixed_name: str | None = None, moving_name: str | None = None,
+             qc: bool = False) -> dict:
+        """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and with ``qc`` the
+        folder qc/ of QC pictures and report.html) atomically."""
+        return save_outputs(self, outdir, force=force, fixed_name=fixed_name, moving_name=moving_name, qc=qc)
 
 
-OUTPUT_NAMES = ("warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json")
+#: transform files for other tools (ITK .tfm/.h5, elastix; see fastimpact.interchange)
+TRANSFORM_FILE_NAMES = ("transform.tfm", "transform.h5", "TransformParameters.0.txt", "TransformParameters.affine.txt")
+OUTPUT_NAMES = ("warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json") + TRANSFORM_FILE_NAMES
+QC_DIR = "qc"
 
 
-def save_outputs(result: Result, outdir, *, force=False, fixed_name=None, moving_name=None) -> dict:
+def save_outputs(result: Result, outdir, *, force=False, fixed_name=None, moving_name=None, qc=False) -> dict:
     import json
 
     from .io import output_dir, save_displacement_itk, save_image
 
     disp = result.displacement
     warped = result.warped
+    result.quality()
     t0 = time.perf_counter()
     paths = {}
-    with output_dir(outdir, force=force, names=list(OUTPUT_NAMES)) as tmp:
+    names = list(OUTPUT_NAMES) + ([QC_DIR] if qc else [])
+    with output_dir(outdir, force=force, names=names) as tmp:
         tmp = Path(tmp)
         # zlib releases the GIL: the two volumes compress in parallel.
         from concurrent.futures import ThreadPoolExecutor
@@ -159,10 +203,33 @@ def save_outputs(result: Result, outdir, *, force=False, fixed_name=None, moving
                 job.result()
         tdict = transform_document(result, fixed_name, moving_name)
         (tmp / "transform.json").write_text(json.dumps(tdict) + "\n")
+        from .interchange import write_transform_files
+
+        tool_files, tool_notes = write_transform_files(result.transform, result.fixed, tmp)
+        if tool_notes:
+            result.report.setdefault("notes", []).extend(tool_notes)
+        if qc:
+            from .image import to_numpy
+            from .qc import write_qc
+
+            tq = time.perf_counter()
+            (tmp / QC_DIR).mkdir()
+            rep = result.report
+            write_qc(tmp / QC_DIR, result.fixed, warped, disp, det=result.jacobian,
+                     mask=None if result.fixed_mask is None else to_numpy(result.fixed_mask) > 0,
+                     figures={"warnings": rep.get("warnings"), "quality": rep.get("quality"),
+                              "stages": rep.get("stages"), "evaluation": rep.get("evaluation")},
+                     title=f"fastimpact registration: {moving_name or 'moving'} to {fixed_name or 'fixed'}",
+                     links={"report.json": "../report.json", "transform.json": "../transform.json"})
+            result.report["timings_s"]["qc"] = round(time.perf_counter() - tq, 4)
         result.report.setdefault("timings_s", {})["write"] = round(time.perf_counter() - t0, 4)
         (tmp / "report.json").write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
     for name in OUTPUT_NAMES:
-        paths[name.split(".")[0]] = str(Path(outdir) / name)
+        if name not in TRANSFORM_FILE_NAMES:
+            paths[name.split(".")[0]] = str(Path(outdir) / name)
+    paths.update({key: str(Path(outdir) / name) for key, name in tool_files.items()})
+    if qc:
+        paths["qc"] = str(Path(outdir) / QC_DIR / "report.html")
     return paths
 
 
@@ -494,6 +561,9 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     providers = None
     if cfg.uses_impact():
         from .backend import onnx_providers
+        from .features.precision import check_precision
+
+        check_precision(cfg.precision, backend)
 
         providers, provider_note = onnx_providers(backend)
         device_note = "; ".join(n for n in (device_note, provider_note) if n)
@@ -510,36 +580,56 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     mmask_img = as_image(moving_mask, "moving mask", mask=True)
     fmask = _check_mask(fmask_img, fixed_img, "fixed")
     mmask = _check_mask(mmask_img, moving_img, "moving")
+    fov_notes = {}
+    if cfg.fov_mask == "auto":
+        from .fov import detect_field_of_view
+
+        for role, img in (("fixed", fixed_img), ("moving", moving_img)):
+            if (fmask if role == "fixed" else mmask) is not None:
+                continue
+            found = detect_field_of_view(np.asarray(img.data))
+            if found is not None:
+                region, info = found
+                fov_notes[role] = info
+                if role == "fixed":
+                    fmask = region
+                else:
+                    mmask = region
     _check_not_constant(np.asarray(fixed_img.data), fmask, "fixed")
     _check_not_constant(np.asarray(moving_img.data), mmask, "moving")
+    from .memory import check_run_memory
+
+    memory_estimate = check_run_memory(cfg, fixed_img, moving_img, backend)  # refuse before any work
     fixed_img = fixed_img.with_data(np.asarray(fixed_img.data, dtype=np.float32))
     moving_f32 = moving_img.with_data(np.asarray(moving_img.data, dtype=np.float32))
     timings["load"] = time.perf_counter() - t_start
 
-    factors = [2 ** (cfg.levels - 1 - i) for i in range(cfg.levels)]
     if min(fixed_img.shape) < 4 or min(moving_img.shape) < 4:
         raise ImageError(
             f"images of shape {fixed_img.shape} / {moving_img.shape} are too small: every axis needs at least 4 voxels"
         )
-    coarsest = min(min(fixed_img.shape), min(moving_img.shape)) / factors[0]
-    if coarsest < 4:
-        raise ConfigError(
-            f"levels={cfg.levels} shrinks the smallest image axis to {coarsest:.1f} voxels: use fewer --levels"
-        )
+    from .pyramid import build_pyramid, check_level_shapes, plan_pyramid
+
+    plan = plan_pyramid(fixed_img.spacing, moving_img.spacing, cfg.levels, cfg.pyramid, cfg.pyramid_schedule,
+                        cfg.pyramid_sigma)
+    check_level_shapes(plan, fixed_img.shape, moving_img.shape)
 
     t0 = time.perf_counter()
-    from .pyramid import build_pyramid
-
     with ThreadPoolExecutor(2) as pool:  # scipy.ndimage filters release the GIL
-        jobs = [pool.submit(build_pyramid, img, factors) for img in (fixed_img, moving_f32)]
+        jobs = [pool.submit(build_pyramid, img, levels) for img, levels in ((fixed_img, plan.fixed), (moving_f32, plan.moving))]
         fixed_pyr, moving_pyr = (job.result() for job in jobs)
-    fmask_pyr = build_pyramid(Image(fmask, fixed_img.affine), factors, is_mask=True) if fmask is not None else [None] * cfg.levels
-    mmask_pyr = build_pyramid(Image(mmask, moving_img.affine), factors, is_mask=True) if mmask is not None else [None] * cfg.levels
+    fmask_pyr = build_pyramid(Image(fmask, fixed_img.affine), plan.fixed, is_mask=True) if fmask is not None else [None] * cfg.levels
+    mmask_pyr = build_pyramid(Image(mmask, moving_img.affine), plan.moving, is_mask=True) if mmask is not None else [None] * cfg.levels
     timings["pyramid"] = time.perf_counter() - t0
 
     # initial affine
-    center, translation = _initial_affine(fixed_img, moving_f32, fmask, mmask, cfg.init)
-    transform = CompositeTransform(AffineTransform(np.eye(3), translation, center))
+    center, translation = _initial_affine(fixed_img, moving_f32, fmask, mmask, "none" if cfg.initial_transform else cfg.init)
+    if cfg.initial_transform:  # a file's affine (fixed -> moving) replaces the centring, same centre c
+        from .interchange import read_initial_affine
+
+        transform = CompositeTransform(read_initial_affine(cfg.initial_transform, center))
+    else:
+        transform = CompositeTransform(AffineTransform(np.eye(3), translation, center))
     radius = _rms_radius(fixed_img, fmask, center)
 
     levels_data: list[LevelData | None] = [None] * cfg.levels
@@ -563,6 +653,9 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         "fixed": {"shape": list(fixed_img.shape), "spacing_mm": fixed_img.spacing.tolist()},
         "moving": {"shape": list(moving_img.shape), "spacing_mm": moving_img.spacing.tolist()},
         "initial_affine": transform.affine.to_dict(),
+        "pyramid": plan.describe(),
+        "memory_estimate_gib": round(memory_estimate.total / 1024**3, 3),
+        **({"field_of_view": fov_notes} if fov_notes else {}),
         "stages": [],
     }
 
@@ -586,10 +679,12 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     def impact_term(i):
         """The IMPACT term of level i (static: feature maps computed once, shared by both stages)."""
         if impact_levels[i] is None:
-            from .features.settings import impact_settings
+            from .features.settings import impact_settings, with_voxel_default
 
             lv = level_data(i)
             t_feat = time.perf_counter()
+            # both images' features on one voxel size in mm: the finest spacing of the fixed level
+            settings = with_voxel_default(impact_settings(cfg, i), float(np.min(lv.fixed.spacing)))
             if cfg.mode == "jacobian-dense":
                 from .metrics.impact_dense import build_dense_impact
 
@@ -602,7 +697,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                 from .metrics.impact_jacobian import build_jacobian_impact
 
                 impact_levels[i] = build_jacobian_impact(
-                    impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                    settings, lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), moving_coef=lv.moving_coef, chain=cfg.jacobian_chain,
                     threads=cfg.threads, seed=cfg.seed + 104729 * (i + 1), backend=backend, providers=providers, precision=cfg.precision)
                 timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t_feat
@@ -610,12 +705,32 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                 from .metrics.impact import build_static_impact
 
                 impact_levels[i] = build_static_impact(
-                    impact_settings(cfg, i), lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
+                    settings, lv.fixed, lv.moving, normalizer("fixed", fixed_img, fmask),
                     normalizer("moving", moving_f32, mmask), fixed_mask_img=fmask_pyr[i], threads=cfg.threads,
                     tile_size=cfg.tile_size, memory_gb=cfg.feature_memory, seed=cfg.seed + 104729 * (i + 1),
                     backend=backend, providers=providers, precision=cfg.precision, timings=timings)
         impact_levels[i].reset_normalisation()  # each stage's loss normalisation starts afresh
         return impact_levels[i]
+
+    support_levels: dict = {}
+
+    def static_support_level(i):
+        """Level i with the masks a static IMPACT sample needs: the whole receptive field of the
+        compared features inside the fixed image (and mask) around x and inside the moving image
+        (and mask) around T(x), i.e. both eroded by the receptive field's radius in mm."""
+        if i not in support_levels:
+            from .features.settings import impact_settings, with_voxel_default
+
+            lv = level_data(i)
+            settings = with_voxel_default(impact_settings(cfg, i), float(np.min(lv.fixed.spacing)))
+            radius = _support_radius_mm(settings)
+            fm, r_f = _erode_mm(lv.fixed_mask, lv.fixed, radius)
+            mm, r_m = _erode_mm(None if lv.moving_mask is None else lv.moving_mask > 0, lv.moving, radius)
+            support_levels[i] = LevelData(lv.fixed, lv.moving, fm, mm, moving_coef=lv.moving_coef)
+            report.setdefault("sample_support", []).append(
+                {"level": i + 1, "receptive_radius_mm": round(radius, 3), "fixed_erosion_mm": round(r_f, 3),
+                 "moving_erosion_mm": round(r_m, 3)})
+        return support_levels[i]
 
     if impact_weight is not None:
         from .features.settings import impact_settings
@@ -663,6 +778,8 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
             impact = (impact_weight, impact_term(li)) if impact_weight is not None else None
             from .samplers import RandomSampler
 
+            if impact is not None and not getattr(impact[1], "jacobian", False):
+                lv = static_support_level(li)  # receptive fields inside the images and masks
             sample_mask = lv.fixed_mask
             if impact is not None and getattr(impact[1], "jacobian", False) and sample_mask is not None:
                 sample_mask = _patch_inside_mask(sample_mask, lv.fixed.affine, impact[1].max_offsets())
@@ -670,6 +787,16 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                                     stream=(stages.index(stage), li), backend=backend)
             cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li], radius, li,
                                 impact=impact)
+            if impact is not None and not getattr(impact[1], "jacobian", False):
+                # draw where the current transform reaches the moving support, so a moving image
+                # that covers less than the fixed one (a cut field of view) keeps enough valid samples
+                region = _overlap_region(cost, sample_mask)
+                if region is not None:
+                    lv = LevelData(lv.fixed, lv.moving, region, lv.moving_mask, moving_coef=lv.moving_coef)
+                    sampler = RandomSampler(lv.fixed.shape, region, samples[li], cfg.seed,
+                                            stream=(stages.index(stage), li), backend=backend)
+                    cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li],
+                                        radius, li, impact=impact)
             info = _optimise(cost, n_it, lv, cfg, callback, stage, li, max_step)
             report["stages"].append(info)
         timings[f"{stage}_stage"] = time.perf_counter() - t_stage
@@ -680,10 +807,75 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     if transform.coef is not None:
         report["bspline_grid"] = {"shape": list(transform.grid.shape), "spacing_mm": transform.grid.spacing.tolist()}
     finest = levels_data[-1]
-    result = Result(transform, fixed_img, moving_img, cfg, report, backend)
-    if finest is not None and factors[-1] == 1:
+    result = Result(transform, fixed_img, moving_img, cfg, report, backend, fixed_mask=fmask)
+    if finest is not None and finest.moving is moving_pyr[-1] and moving_pyr[-1].data is moving_f32.data:
         result._moving_coef = finest.moving_coef  # the output warp reuses the finest prefilter
     return result
+
+
+def _overlap_region(cost: CostFunction, sample_mask: np.ndarray | None) -> np.ndarray | None:
+    """The part of the fixed sample region that the cost function's current transform maps into
+    the moving image (and its mask), found on a coarse grid of about 200k voxels and widened by
+    one coarse cell; None when that is (almost) everything or too little to sample from."""
+    shape = cost.level.fixed.shape
+    stride = max(1, int(round((np.prod(shape) / 200_000) ** (1 / 3))))
+    axes = [np.arange(0, n, stride) for n in shape]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    if sample_mask is not None:
+        idx = idx[sample_mask[idx[:, 0], idx[:, 1], idx[:, 2]]]
+    if len(idx) == 0:
+        return None
+    kept = cost._map_points(np.ravel_multi_index(tuple(idx.T), shape).astype(np.int64))[0]
+    if len(kept) >= 0.98 * len(idx) or len(kept) < 0.01 * len(idx) or len(kept) < 64:
+        return None
+    coarse = np.zeros(tuple(len(a) for a in axes), bool)
+    k = np.stack(np.unravel_index(kept, shape), axis=1) // stride
+    coarse[k[:, 0], k[:, 1], k[:, 2]] = True
+    from scipy import ndimage
+
+    coarse = ndimage.binary_dilation(coarse, iterations=1)
+    region = coarse.repeat(stride, 0).repeat(stride, 1).repeat(stride, 2)[: shape[0], : shape[1], : shape[2]]
+    return region if sample_mask is None else region & sample_mask
+
+
+def _support_radius_mm(settings) -> float:
+    """The largest receptive-field radius (mm) of the compared layers of a level's IMPACT settings
+    (``(rf - 1) / 2`` input voxels of the model's grid, ``voxel_size`` mm each)."""
+    from .onnx_models import load_model_spec
+
+    radius = 0.0
+    for mu in settings.models:
+        for name in dict.fromkeys((mu.fixed_model, mu.moving_model)):
+            spec = load_model_spec(name)
+            for lu in mu.layers:
+                rf = spec.layers[lu.index].receptive_field or spec.receptive_field
+                radius = max(radius, 0.5 * (float(rf) - 1.0) * float(mu.voxel_size))
+    return radius
+
+
+# An erosion that would leave less than this fraction of the region is halved until it does not
+# (a deep layer's receptive field can exceed a coarse level's field of view).
+MIN_SUPPORT_FRACTION = 0.1
+
+
+def _erode_mm(mask: np.ndarray | None, image: Image, radius_mm: float):
+    """(region, radius used): ``mask`` (None: the whole image box) eroded by ``radius_mm`` along each
+    axis of the image grid, the box edges included; the radius is halved while less than
+    MIN_SUPPORT_FRACTION of the region would remain."""
+    from scipy import ndimage
+
+    region = np.ones(image.shape, bool) if mask is None else np.asarray(mask, bool)
+    total = int(region.sum())
+    r = float(radius_mm)
+    while r > 0:
+        reach = np.floor(r / image.spacing + 1e-6).astype(int)
+        if not reach.any():
+            break
+        out = ndimage.minimum_filter(region.view(np.uint8), size=tuple(2 * reach + 1), mode="constant", cval=0) > 0
+        if out.sum() >= MIN_SUPPORT_FRACTION * total:
+            return out, r
+        r *= 0.5
+    return (None if mask is None else region), 0.0
 
 
 def _patch_inside_mask(mask: np.ndarray, affine: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -13,7 +13,9 @@ from conftest import blob_volume
 from fastimpact.cli.main import main
 
 SHAPE = (28, 30, 26)
-OUTPUTS = {"warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"}
+from fastimpact.registration import OUTPUT_NAMES  # noqa: E402
+
+OUTPUTS = set(OUTPUT_NAMES)
 IMPACT = ["--metric", "impact", "--model", "mind", "--distance", "l2", "--levels", "2", "--iterations", "30",
           "--affine-iterations", "20", "--samples", "500"]
 # a quicker IMPACT run for the cases where only the plumbing matters
@@ -102,13 +104,13 @@ def test_register_weighted_sum_and_per_level_distance(pair, tmp_path, capsys):
 def test_register_impact_text_mode_prints_levels(pair, tmp_path, capsys):
     out = tmp_path / "txt"
     code, stdout, err = run(["register", *pair, "-o", out, *QUICK, "--metric", "impact", "--model", "mind-r2d1",
-                             "--feature-norm", "l2", "--subset", "6", "--pca", "4"], capsys)
+                             "--feature-norm", "l2", "--subset", "3", "--pca", "4"], capsys)  # 3 of 4 components
     assert code == 0, err
     assert stdout == ""  # without --json, everything goes to stderr
     assert "bspline level 2" in err and "Traceback" not in err
     cfg = report(out)["config"]
     assert cfg["model"] == "mind-r2d1" and cfg["feature_norm"] == "l2"
-    assert int(cfg["subset"]) == 6 and int(cfg["pca"]) == 4
+    assert int(cfg["subset"]) == 3 and int(cfg["pca"]) == 4
 
 
 @pytest.mark.parametrize(
@@ -354,3 +356,71 @@ def test_register_dense_jacobian_mode_with_precision(pair, tmp_path, capsys):
     # precision without the impact metric is a one-line error
     code, _, err = run(["register", *pair, "-o", tmp_path / "p", "--metric", "mse", "--precision", "fp16"], capsys)
     assert_one_line_error(code, err, ["--precision", "impact"])
+
+
+# --------------------------------------------------------------------------------------------
+# no silent settings; manifest mismatches (issue 17)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--voxel-size", "0"], ["voxel_size='0'", "mm > 0", "auto"]),
+        (["--mode", "jacobian", "--patch-size", "0"], ["patch_size='0'", "odd number", "auto"]),
+        (["--subset", "13"], ["subset=13", "12 channels", "at most 12"]),
+        (["--pca", "3", "--subset", "4"], ["subset=4", "pca=3"]),
+        (["--mode", "jacobian", "--precision", "fp16"], ["precision=fp16", "--precision fp32", "--device cuda"]),
+    ],
+    ids=["voxel-size-0", "patch-size-0", "subset-above-channels", "subset-above-pca", "fp16-on-cpu"],
+)
+def test_register_refuses_meaningless_impact_values(pair, tmp_path, capsys, args, needles):
+    out = tmp_path / "bad"
+    code, stdout, err = run(["register", *pair, "-o", out, *QUICK, "--metric", "impact", "--model", "mind", *args],
+                            capsys)
+    assert_one_line_error(code, err, needles)
+    assert stdout == ""
+    assert_no_outputs(out)
+
+
+def _user_mind(folder, **changes):
+    """A copy of the built-in mind model (all its graphs) with a modified manifest."""
+    import shutil
+
+    from fastimpact.onnx_models import load_model_spec
+
+    spec = load_model_spec("mind")
+    manifest = json.loads(spec.manifest_path.read_text())
+    folder.mkdir()
+    for key in ("file", "patch_file", "vjp_file", "vjp_full_file"):
+        shutil.copy(spec.manifest_path.parent / manifest[key], folder)
+    shutil.move(folder / manifest["file"], folder / "user.onnx")
+    manifest.update(name="user-mind", file="user.onnx", **changes)
+    (folder / "user.json").write_text(json.dumps(manifest))
+    return folder / "user.onnx"
+
+
+@pytest.mark.parametrize("mode", ["static", "jacobian"])
+@pytest.mark.parametrize(
+    "changes, needles",
+    [
+        ({"layers": [{"name": "mind", "channels": 10, "stride": 1}]}, ["user-mind", "12", "10"]),
+        ({"input_channels": 2}, ["user-mind", "2 channel"]),
+        ({"dimension": 2}, ["user-mind", "rank"]),
+    ],
+    ids=["channels", "input-channels", "dimension"],
+)
+def test_manifest_mismatch_is_one_line_exit_2_before_any_work(pair, tmp_path, capsys, mode, changes, needles):
+    model = _user_mind(tmp_path / "model", **changes)
+    out = tmp_path / "out"
+    code, stdout, err = run(["register", *pair, "-o", out, *QUICK, "--metric", "impact", "--model", model,
+                             "--mode", mode], capsys)
+    assert_one_line_error(code, err, needles)
+    assert "ONNXRuntimeError" not in err and "level 1" not in err  # nothing ran
+    assert_no_outputs(out)
+
+
+def test_correct_user_manifest_passes_the_check(pair, tmp_path, capsys):
+    model = _user_mind(tmp_path / "model")
+    out = tmp_path / "out"
+    code, _, err = run(["register", *pair, "-o", out, *QUICK, "--metric", "impact", "--model", model], capsys)
+    assert code == 0, err
+    assert OUTPUTS <= {p.name for p in out.iterdir()}

@@ -66,3 +66,64 @@ def test_bad_files(tmp_path):
         RegistrationConfig.load(p)
     with pytest.raises(ConfigError, match="does not exist"):
         RegistrationConfig.load(tmp_path / "missing.toml")
+
+
+# --- no silent settings (issue 17): zero sizes, subsets, fp16 on the CPU ------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, needles",
+    [
+        ({"voxel_size": 0}, ["voxel_size=0", "mm > 0", "auto"]),
+        ({"voxel_size": "0"}, ["voxel_size='0'", "mm > 0"]),
+        ({"voxel_size": "1.5 0"}, ["voxel_size='0'"]),  # second model's entry
+        ({"voxel_size": -2.0}, ["voxel_size=-2.0"]),
+        ({"mode": "jacobian", "patch_size": 0}, ["patch_size=0", "odd number", "auto"]),
+        ({"mode": "jacobian", "patch_size": "0"}, ["patch_size='0'"]),
+        ({"precision": "fp16"}, ["precision=fp16", "--precision fp32", "--device cuda"]),
+    ],
+)
+def test_meaningless_impact_values_are_refused(kwargs, needles):
+    model = "mind mind" if kwargs.get("voxel_size") == "1.5 0" else "mind"
+    with pytest.raises(ConfigError) as err:
+        RegistrationConfig(metric="impact", model=model, **kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_auto_voxel_and_patch_sizes_still_mean_the_default():
+    from fastimpact.features.settings import impact_settings
+
+    for value in (None, "auto", "none", "AUTO"):
+        cfg = RegistrationConfig(metric="impact", mode="jacobian", voxel_size=value, patch_size=value)
+        use = impact_settings(cfg, 0).models[0]
+        assert use.voxel_size is None and use.patch_size is None
+    cfg = RegistrationConfig(metric="impact", voxel_size="1.5", levels=1)
+    assert impact_settings(cfg, 0).models[0].voxel_size == 1.5
+
+
+def test_subset_above_the_channels_is_refused_like_pca():
+    from fastimpact.features.settings import impact_settings
+
+    # mind has 12 channels in its one layer
+    assert impact_settings(RegistrationConfig(metric="impact", subset=12), 0).models[0].layers[0].subset == 12
+    with pytest.raises(ConfigError) as err:
+        impact_settings(RegistrationConfig(metric="impact", subset=13), 0)
+    msg = str(err.value)
+    assert "subset=13" in msg and "12 channels" in msg and "at most 12" in msg and "\n" not in msg
+    # with PCA the subset is drawn from the components kept
+    assert impact_settings(RegistrationConfig(metric="impact", pca=4, subset=4), 0).models[0].layers[0].pca == 4
+    with pytest.raises(ConfigError, match=r"subset=5 exceeds the 4 principal components kept \(pca=4\)"):
+        impact_settings(RegistrationConfig(metric="impact", pca=4, subset=5), 0)
+
+
+def test_memory_budget_is_validated_and_round_trips(tmp_path):
+    assert RegistrationConfig().memory is None
+    cfg = RegistrationConfig(memory=3.5)
+    path = tmp_path / "c.toml"
+    cfg.save(path)
+    assert RegistrationConfig.load(path).memory == 3.5
+    for bad in (0, -1.0, float("nan"), "4"):
+        with pytest.raises(ConfigError, match="memory="):
+            RegistrationConfig(memory=bad)

@@ -309,8 +309,8 @@ def _make_bad(kind: str, tmp_path: Path) -> Path:
         p.write_bytes(gzip.compress(bytes(b)))
         return p
     if kind == "extension":
-        p = tmp_path / "image.mha"
-        p.write_bytes(b"ObjectType = Image\n")
+        p = tmp_path / "image.tif"  # .mha, .nrrd and DICOM are read (tests/test_formats.py)
+        p.write_bytes(b"II*\x00")
         return p
     if kind == "zero_spacing":
         return _bad_header(tmp_path, "zero.nii.gz", pixdim=(1.0, 0.0, 1.0))
@@ -392,8 +392,8 @@ def test_integer_dtype_out_of_range(tmp_path):
 def test_save_errors(tmp_path):
     img = Image(np.zeros((3, 4, 5), np.float32), np.eye(4))
     with pytest.raises(ImageIOError) as e:
-        save_image(img, tmp_path / "out.mha")
-    _assert_one_line(e.value, "out.mha", "unsupported extension")
+        save_image(img, tmp_path / "out.tif")
+    _assert_one_line(e.value, "out.tif", "unsupported extension")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ImageIOError) as e:
         save_image(img, tmp_path / "afile" / "out.nii.gz")
@@ -621,3 +621,130 @@ def test_mni152_1mm_paths_missing_nilearn(monkeypatch):
     with pytest.raises(ImageIOError) as e:
         mni152_1mm_paths()
     _assert_one_line(e.value, "pip install --no-deps nilearn")
+
+
+# -- reproducible bytes and concurrent output folders ------------------------------------------
+
+def test_gzip_outputs_have_no_timestamp_and_repeat_byte_for_byte(tmp_path, monkeypatch):
+    import time
+
+    shape = (7, 6, 5)
+    ref = Image(np.random.default_rng(3).random(shape).astype(np.float32), AFFINES["oblique"])
+    u = _smooth_field(shape, seed=4)
+    blobs = {}
+    for run, fake_now in enumerate((1.0e9, 1.7e9)):  # a different clock for each run
+        monkeypatch.setattr(time, "time", lambda fake_now=fake_now: fake_now)
+        save_image(ref, tmp_path / f"w{run}.nii.gz")
+        save_displacement_itk(u, ref, tmp_path / f"d{run}.nii.gz")
+    monkeypatch.undo()
+    for name in ("w", "d"):
+        a = (tmp_path / f"{name}0.nii.gz").read_bytes()
+        b = (tmp_path / f"{name}1.nii.gz").read_bytes()
+        assert a[:2] == b"\x1f\x8b" and a[4:8] == b"\x00\x00\x00\x00"  # gzip MTIME field = 0
+        assert a == b
+        blobs[name] = gzip.decompress(a)
+    np.testing.assert_array_equal(load_image(tmp_path / "w1.nii.gz").data, ref.data)
+    assert len(blobs["d"]) >= 352 + 4 * u.size  # a whole NIfTI-1 file inside
+
+
+def test_output_dir_tolerates_a_concurrent_run_creating_the_folder(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "run"
+    real_mkdir = Path.mkdir
+
+    def racing_mkdir(self, *args, **kwargs):  # another run wins the race for every folder
+        real_mkdir(self, *args, **kwargs)
+        raise FileExistsError(17, "File exists", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with output_dir(out, force=False, names=["warped.nii.gz"]) as tmp:
+        (tmp / "warped.nii.gz").write_bytes(b"x")
+    assert _entries(out) == ["warped.nii.gz"]
+    # the folders belong to the other run: a failure here must not remove them
+    out2 = tmp_path / "new" / "run2"
+    with pytest.raises(RuntimeError):
+        with output_dir(out2, force=False, names=[]):
+            raise RuntimeError("registration failed")
+    monkeypatch.undo()
+    assert out2.is_dir() and _entries(out2) == []
+    assert _entries(out) == ["warped.nii.gz"]
+
+
+# -- interruption (issue 17): stale temporaries and an uncut commit ---------------------------------
+
+def test_stale_temporaries_from_dead_processes_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from fastimpact.io import TMP_MAX_AGE_S, output_dir, remove_stale_temporaries
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {
+        "dead": f".fastimpact-tmp-{host}-{dead.pid}-abc",
+        "alive": f".fastimpact-tmp-{host}-{os.getppid()}-def",  # a running process: its folder stays
+        "other_host": f".fastimpact-tmp-otherhost-{dead.pid}-ghi",  # cannot tell: stays (until old)
+        "old": ".fastimpact-tmp-xyz",  # an old-style name, older than the limit
+        "file": f".fastimpact-tmp-{host}-{dead.pid}-jkl.nii.gz",  # atomic_write_path's temporary file
+    }
+    for key, n in names.items():
+        if key == "file":
+            (tmp_path / n).write_bytes(b"partial")
+        else:
+            (tmp_path / n).mkdir()
+            (tmp_path / n / "warped.nii.gz").write_bytes(b"partial")
+    past = time.time() - TMP_MAX_AGE_S - 60
+    os.utime(tmp_path / names["old"], (past, past))
+    (tmp_path / "keep.txt").write_text("not ours")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([names["dead"], names["old"], names["file"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["other_host"], "keep.txt"])
+    # output_dir cleans up the folder it writes into
+    (tmp_path / names["dead"]).mkdir()
+    with output_dir(tmp_path, force=True, names=["a.txt"]) as tmp:
+        assert tmp.name.startswith(f".fastimpact-tmp-{host}-{os.getpid()}-")
+        (tmp / "a.txt").write_text("new")
+    assert not (tmp_path / names["dead"]).exists() and (tmp_path / "a.txt").read_text() == "new"
+
+
+def test_an_interruption_during_the_commit_waits_for_its_end(tmp_path, monkeypatch):
+    import fastimpact.io as fio
+
+    target = tmp_path / "out"
+    target.mkdir()
+    for n in ("a", "b", "c"):
+        (target / n).write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):  # the signal arrives at the first move; the handler defers it
+        calls.append(fio.defer_interrupt(KeyboardInterrupt()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fio.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with fio.output_dir(target, force=True, names=["a", "b", "c"]) as tmp:
+            for n in ("a", "b", "c"):
+                (tmp / n).write_text("new")
+    assert calls == [True, True, True]
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a": "new", "b": "new", "c": "new"}
+    assert fio.defer_interrupt(KeyboardInterrupt()) is False  # outside a commit: the handler raises
+
+
+def test_gzip_is_written_in_chunks_and_reads_back_exactly(tmp_path, monkeypatch):
+    import fastimpact.io as fio
+
+    monkeypatch.setattr(fio, "GZIP_CHUNK", 1000)  # many pieces, boundaries inside voxels
+    shape = (31, 17, 13)
+    ref = Image(np.random.default_rng(5).random(shape).astype(np.float32), AFFINES["flipped"])
+    save_image(ref, tmp_path / "w.nii.gz")
+    np.testing.assert_array_equal(load_image(tmp_path / "w.nii.gz").data, ref.data)
+    u = _smooth_field(shape, seed=6)
+    save_displacement_itk(u, ref, tmp_path / "d.nii.gz")
+    field, _ = load_displacement_itk(tmp_path / "d.nii.gz")
+    np.testing.assert_array_equal(field, u.astype(np.float32).astype(np.float64))
+    # the same bytes as one whole-buffer deflate would give when decompressed
+    raw = gzip.decompress((tmp_path / "w.nii.gz").read_bytes())
+    assert raw == nib.load(str(tmp_path / "w.nii.gz")).to_bytes()
