@@ -180,6 +180,8 @@ def register(
     samples: Annotated[Optional[int], typer.Option(help="Random samples per iteration. [default: 2000]")] = None,
     grid_spacing: Annotated[Optional[float], typer.Option("--grid-spacing", help="Final B-spline control-point spacing, mm (doubled per coarser level). [default: 8]")] = None,
     affine: Annotated[Optional[bool], typer.Option("--affine/--no-affine", help="Optimised affine stage before the B-spline stage. [default: on]")] = None,
+    rigid: Annotated[Optional[bool], typer.Option("--rigid/--no-rigid", help="Optimised rigid stage (rotation + translation) before the affine stage; with --no-affine, rigid then B-spline. [default: off]")] = None,
+    rigid_iterations: Annotated[Optional[int], typer.Option("--rigid-iterations", help="Rigid ASGD iterations per level. [default: 250]")] = None,
     affine_iterations: Annotated[Optional[int], typer.Option("--affine-iterations", help="Affine ASGD iterations per level. [default: 250]")] = None,
     init: Annotated[Optional[str], typer.Option(help="Initial affine: moments | geometry | none. [default: moments]")] = None,
     initial_transform: Annotated[Optional[Path], typer.Option("--initial-transform", help="Initial affine from a file, fixed -> moving: fastimpact transform.json, ITK .tfm/.h5/.mat, or elastix TransformParameters (affine/Euler/similarity/translation); replaces --init.")] = None,
@@ -226,7 +228,7 @@ def register(
         for k, v in dict(
             metric=metric, levels=levels, pyramid=pyramid, pyramid_schedule=_schedule(pyramid_schedule),
             pyramid_sigma=_schedule(pyramid_sigma), fov_mask=fov_mask, memory=memory, iterations=iterations, samples=samples, grid_spacing=grid_spacing,
-            affine=affine, affine_iterations=affine_iterations, init=init, bins=bins, bending_weight=bending_weight,
+            affine=affine, affine_iterations=affine_iterations, rigid=rigid, rigid_iterations=rigid_iterations, init=init, bins=bins, bending_weight=bending_weight,
             initial_transform=str(initial_transform) if initial_transform is not None else None,
             interpolation=interpolation, seed=seed, threads=threads, device=device, mode=mode,
             model=_per_level(model), moving_model=_per_level(moving_model), layers=_per_level(layers),

@@ -21,7 +21,7 @@ INIT_NAMES = ("moments", "geometry", "none")
 INTERPOLATIONS = ("cubic", "linear", "nearest")
 DEVICES = ("cpu", "cuda", "auto")
 ASGD_ESTIMATIONS = ("original", "displacement_distribution")
-PER_LEVEL = ("iterations", "samples", "affine_iterations", "bending_weight")
+PER_LEVEL = ("iterations", "samples", "affine_iterations", "rigid_iterations", "bending_weight")
 # IMPACT settings: per level (scalar or one entry per level); an entry holds one value per model
 # (model, moving_model, layers, voxel_size, patch_size) or per kept layer (distance, layer_weights, subset,
 # pca, feature_norm), written as a space-separated string ("l2 l1") or a list; one value applies
@@ -55,6 +55,9 @@ class RegistrationConfig:
     grid_spacing: B-spline control-point spacing at the finest level, mm; doubled per coarser level.
     affine: run an optimised affine stage before the B-spline stage.
     affine_iterations: ASGD iterations per level of the affine stage.
+    rigid: run a rigid stage (rotation about the centre + translation, 6 parameters) before the
+        affine stage (or instead of it, with affine false).
+    rigid_iterations: ASGD iterations per level of the rigid stage.
     init: initial affine: moments (centres of mass), geometry (image centres) or none.
     initial_transform: a file with the initial affine (fastimpact transform.json, ITK .tfm/.h5/.mat, elastix
         TransformParameters file; fixed -> moving), used instead of ``init`` (default none).
@@ -109,6 +112,8 @@ class RegistrationConfig:
     grid_spacing: float = 8.0
     affine: bool = True
     affine_iterations: Any = 250
+    rigid: bool = False
+    rigid_iterations: Any = 250
     init: str = "moments"
     initial_transform: str | None = None
     bins: int = 32
@@ -179,6 +184,8 @@ class RegistrationConfig:
                 check_precision(self.precision, "cpu")
         if not isinstance(self.affine, bool):
             raise ConfigError(f"affine={self.affine!r} is invalid: use true or false")
+        if not isinstance(self.rigid, bool):
+            raise ConfigError(f"rigid={self.rigid!r} is invalid: use true or false")
         for name in PER_LEVEL:
             values = self.per_level(name)
             for v in values:
@@ -190,7 +197,8 @@ class RegistrationConfig:
                     _int(name, v, 16, 10_000_000)
                 else:
                     _int(name, v, 0, 1_000_000)  # 0 skips the level (0 everywhere: affine only)
-        if sum(self.per_level("iterations")) == 0 and (not self.affine or sum(self.per_level("affine_iterations")) == 0):
+        if (sum(self.per_level("iterations")) == 0 and (not self.affine or sum(self.per_level("affine_iterations")) == 0)
+                and (not self.rigid or sum(self.per_level("rigid_iterations")) == 0)):
             raise ConfigError(
                 "iterations and affine_iterations are 0 at every level: nothing would be optimised; "
                 "give the B-spline stage iterations (e.g. --iterations 500) or keep --affine with iterations"

@@ -36,7 +36,7 @@ NCC_CONSTANT_RTOL = 1e-12  # as metrics.ncc.CONSTANT_RTOL
 
 def eligible(cost) -> bool:
     """True when the level's cost can run entirely on the GPU (see the module docstring)."""
-    return (cost.backend == "cuda" and cost.impact is None
+    return (cost.backend == "cuda" and cost.impact is None and cost.stage in ("affine", "bspline")
             and not (cost.bending is not None and cost.bending_weight > 0)
             and bool(cost.terms) and all(getattr(m, "name", "") in DEVICE_METRICS for _, m in cost.terms))
 

@@ -390,7 +390,7 @@ def config_from_elastix(path_or_dict) -> tuple:
 
 
 #: RegistrationConfig fields that belong to the affine stage (taken from an affine file of a chain).
-_AFFINE_STAGE_FIELDS = ("affine", "affine_iterations", "init")
+_AFFINE_STAGE_FIELDS = ("affine", "affine_iterations", "rigid", "rigid_iterations", "init")
 
 
 def _transform_kind(path_or_dict) -> str:
@@ -406,8 +406,8 @@ def config_from_elastix_chain(paths) -> tuple:
 
     elastix runs the files in order, each starting from the transform the earlier ones found; in
     fastimpact that is one registration whose affine stage is configured by the affine files
-    (Euler, similarity, affine: the first one's initialisation, the last one's affine settings; a
-    rigid stage is folded into the full affine stage) and whose B-spline stage, which starts from the affine result, by the one
+    (an Euler file: the rigid stage; similarity, affine: the affine stage; the first one's
+    initialisation) and whose B-spline stage, which starts from the affine result, by the one
     B-spline file, which must come last. Settings both kinds of file give (levels, metric,
     samples, ...) are shared by fastimpact's stages: the last file's value is used, with a note.
 
@@ -432,15 +432,20 @@ def config_from_elastix_chain(paths) -> tuple:
     warnings: list = []
     results = [config_from_elastix(q) for q in paths]
     affine_files = [i for i, k in enumerate(kinds) if k == "affine"]
-    if len(affine_files) > 1:
-        warnings.append(f"{', '.join(names[i] for i in affine_files[:-1])}: folded into the affine stage of "
-                        f"{names[affine_files[-1]]} (fastimpact runs one full affine stage)")
+    for stage in ("rigid", "affine"):
+        same = [i for i in affine_files if results[i][0].get(stage)]
+        if len(same) > 1:
+            warnings.append(f"{', '.join(names[i] for i in same[:-1])}: folded into the {stage} stage of "
+                            f"{names[same[-1]]} (fastimpact runs one {stage} stage)")
     for i, ((f, w), kind) in enumerate(zip(results, kinds)):
         for note in w:
             if kind == "bspline" and affine_files and "this file has no affine stage" in note:
                 continue  # the affine files give it one
             warnings.append(f"{names[i]}: {note}")
         for key, value in f.items():
+            if key in ("affine", "rigid"):  # a rigid file and an affine file each add their stage
+                fields[key] = bool(fields.get(key, False) or value)
+                continue
             if kind == "affine" and key == "iterations":
                 continue  # an affine file's "no B-spline stage"; the B-spline file decides
             if kind == "affine" and key == "init" and "init" in fields:
@@ -483,10 +488,15 @@ def _map_transform(p, levels, fields, warnings) -> str:
         return "bspline"
     if name in AFFINE_TRANSFORMS:
         fields["iterations"] = 0
-        fields["affine"] = True
-        if iterations is not None:
-            fields["affine_iterations"] = _collapse(iterations)
-        if name != "AffineTransform":
+        if name == "EulerTransform":  # rotation + translation: fastimpact's rigid stage
+            fields["rigid"], fields["affine"] = True, False
+            if iterations is not None:
+                fields["rigid_iterations"] = _collapse(iterations)
+        else:
+            fields["affine"] = True
+            if iterations is not None:
+                fields["affine_iterations"] = _collapse(iterations)
+        if name not in ("AffineTransform", "EulerTransform"):
             warnings.append(f"Transform {name}: fastimpact's affine stage optimises a full affine transform "
                             "(12 parameters)")
         auto = p.first("AutomaticTransformInitialization", False)

@@ -420,14 +420,7 @@ def save_image(img: Image, path, dtype=None) -> None:
     data = to_numpy(img.data)
     if _is_itk_path(p):
         return _save_itk(data, img.affine, p, who, dtype)
-    if dtype is None:
-        out = _nifti_dtype(data.dtype)
-        if out != data.dtype:
-            data = data.astype(out)
-    else:
-        out = _nifti_dtype(np.dtype(dtype))
-        if data.dtype != out:
-            data = _to_integer(data, out, who) if out.kind in "iu" else data.astype(out)
+    data, out = _output_data(data, dtype, who)
     header = nib.Nifti1Header()
     header.set_data_dtype(out)
     nimg = nib.Nifti1Image(data, img.affine, header=header)
@@ -544,9 +537,9 @@ def _load_itk(p: Path, role: str, name: str, dtype, allow_nonfinite: bool) -> Im
     return image
 
 
-def _save_itk(data: np.ndarray, affine, p: Path, who: str, dtype) -> None:
-    """save_image for .mha / .mhd / .nrrd / .nhdr (compressed; the same dtype rules as NIfTI)."""
-    sitk = _sitk(who, f"writing {p.suffix} files")
+def _output_data(data: np.ndarray, dtype, who: str):
+    """(data, dtype) as written: the stored type of ``data`` (or the requested ``dtype``) mapped to one
+    every format stores; integers requested from floats are rounded and range-checked."""
     if dtype is None:
         out = _nifti_dtype(data.dtype)
         if out != data.dtype:
@@ -555,6 +548,13 @@ def _save_itk(data: np.ndarray, affine, p: Path, who: str, dtype) -> None:
         out = _nifti_dtype(np.dtype(dtype))
         if data.dtype != out:
             data = _to_integer(data, out, who) if out.kind in "iu" else data.astype(out)
+    return data, out
+
+
+def _save_itk(data: np.ndarray, affine, p: Path, who: str, dtype) -> None:
+    """save_image for .mha / .mhd / .nrrd / .nhdr (compressed; the same dtype rules as NIfTI)."""
+    sitk = _sitk(who, f"writing {p.suffix} files")
+    data, out = _output_data(data, dtype, who)
     if data.ndim != 3:
         raise ImageError(f"{who}: data of shape {data.shape} is not 3-D; nothing was written")
     simg = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)), isVector=False)

@@ -355,24 +355,27 @@ class CostFunction:
         self.fixed_affine = fa
         if stage == "bspline":
             self.idx_to_grid = transform.grid.world_to_grid() @ fa
+        from .transforms.linear import linear_parameters
+
+        self.linear = linear_parameters(stage, transform.affine, radius)  # None for the B-spline stage
         self.iteration = 0
         self.last_valid = 0
 
     # parameters ---------------------------------------------------------------------------
     def get_parameters(self) -> np.ndarray:
-        if self.stage == "affine":
-            return self.transform.affine.get_parameters(self.radius)
+        if self.linear is not None:
+            return self.linear.get()
         return self.transform.coef.ravel().copy()
 
     def set_parameters(self, theta: np.ndarray) -> None:
-        if self.stage == "affine":
-            self.transform.affine.set_parameters(theta, self.radius)
+        if self.linear is not None:
+            self.linear.set(theta)
         else:
             self.transform.coef = theta.reshape(self.transform.coef.shape)
 
     @property
     def n_params(self) -> int:
-        return 12 if self.stage == "affine" else self.transform.coef.size
+        return self.linear.n_params if self.linear is not None else self.transform.coef.size
 
     # evaluation -----------------------------------------------------------------------------
     def _pairs(self, flat: np.ndarray):
@@ -497,7 +500,7 @@ class CostFunction:
                 gy = np.zeros_like(x)
         if gradient and extra is not None:
             # the exact chain: every patch voxel scatters at its own point
-            if self.stage == "affine":
+            if self.linear is not None:
                 fi = np.linalg.inv(self.fixed_affine)
                 extra_pts = extra[0] @ fi[:3, :3].T + fi[:3, 3]
             else:
@@ -509,9 +512,9 @@ class CostFunction:
             if bend:
                 value += self.bending_weight * self.bending.value_and_gradient(self.transform.coef)[0]
             return float(value), None
-        if self.stage == "affine":
+        if self.linear is not None:
             fa = self.fixed_affine
-            grad = self.transform.affine.gradient_from_points(pts @ fa[:3, :3].T + fa[:3, 3], gy, self.radius)
+            grad = self.linear.gradient_from_points(pts @ fa[:3, :3].T + fa[:3, 3], gy)
         else:
             if getattr(self, "_grad_buf", None) is None or self._grad_buf.shape[:3] != tuple(self.transform.grid.shape):
                 self._grad_buf = np.empty(tuple(self.transform.grid.shape) + (3,))
@@ -536,7 +539,7 @@ class CostFunction:
             corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64) * shape
             fa = self.fixed_affine
             self._corners = corners @ fa[:3, :3].T + fa[:3, 3]
-        return float(np.linalg.norm(self.transform.affine.jacobian_apply(self._corners, direction, self.radius), axis=1).max())
+        return float(np.linalg.norm(self.linear.jacobian_apply(self._corners, direction), axis=1).max())
 
 
 # --------------------------------------------------------------------------------------------
@@ -745,7 +748,10 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         max_step = default_max_step_length(fixed_img.spacing, moving_img.spacing)
     iters_bs = cfg.per_level("iterations")
     iters_af = cfg.per_level("affine_iterations")
-    stages = (["affine"] if cfg.affine and sum(iters_af) else []) + (["bspline"] if sum(iters_bs) else [])
+    iters_rg = cfg.per_level("rigid_iterations")
+    stages = ((["rigid"] if cfg.rigid and sum(iters_rg) else []) + (["affine"] if cfg.affine and sum(iters_af) else [])
+              + (["bspline"] if sum(iters_bs) else []))
+    stage_iterations = {"rigid": iters_rg, "affine": iters_af, "bspline": iters_bs}
     samples = cfg.per_level("samples")
     bend_w = cfg.per_level("bending_weight")
     spacings = cfg.grid_spacings()
@@ -753,7 +759,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     for stage in stages:
         t_stage = time.perf_counter()
         for li in range(cfg.levels):
-            n_it = iters_af[li] if stage == "affine" else iters_bs[li]
+            n_it = stage_iterations[stage][li]
             bending = None
             if stage == "bspline":
                 # the grid follows every level (also one with 0 iterations): each refinement
@@ -900,14 +906,10 @@ def _probe_jacobian(cost: CostFunction, idx: np.ndarray):
     from .optimizers import SparseJacobian
 
     fa = cost.fixed_affine
-    if cost.stage == "affine":
-        x = idx @ fa[:3, :3].T + fa[:3, 3]
-        d = (x - cost.transform.affine.center) / cost.radius
-        vals = np.zeros((len(idx), 3, 12))
-        for r in range(3):
-            vals[:, r, 3 * r : 3 * r + 3] = d  # matrix entry (r, c) is parameter 3 r + c
-            vals[:, r, 9 + r] = 1.0
-        return SparseJacobian(np.broadcast_to(np.arange(12), (len(idx), 12)), vals, 12)
+    if cost.linear is not None:
+        vals = cost.linear.jacobian_at(idx @ fa[:3, :3].T + fa[:3, 3])
+        n = cost.linear.n_params
+        return SparseJacobian(np.broadcast_to(np.arange(n), (len(idx), n)), vals, n)
     g = cost.idx_to_grid
     t = np.ascontiguousarray(idx @ g[:3, :3].T + g[:3, 3])
     base, w, _ = get_kernel("bspline_weights", cost.backend)(t)

@@ -42,8 +42,8 @@ def cost_gradient_check(cost, flat, stage, *, eps, n_picks=10, threshold=1e-3):
     value, grad = cost.evaluate_at(flat)
     grad = grad.copy()  # the cost reuses its gradient buffer
     rng = np.random.default_rng(0)
-    if stage == "affine":
-        picks = np.arange(12)
+    if stage in ("affine", "rigid"):
+        picks = np.arange(len(theta))
     else:
         picks = rng.choice(np.flatnonzero(np.abs(grad) > threshold * np.abs(grad).max()), n_picks, replace=False)
     num = []

@@ -239,7 +239,8 @@ def _elastix_file(path, text):
 
 def test_elastix_notes_reach_json_and_report_and_files_chain(pair, tmp_path, capsys):
     affine = _elastix_file(tmp_path / "affine.txt", '(Transform "EulerTransform")\n(MaximumNumberOfIterations 7)\n'
-                           '(NumberOfResolutions 1)\n(Metric "AdvancedMeanSquares")\n(NumberOfSpatialSamples 500)\n')
+                           '(NumberOfResolutions 1)\n(Metric "AdvancedMeanSquares")\n(NumberOfSpatialSamples 500)\n'
+                           '(FancyNewOption 3)\n')
     bspline = _elastix_file(tmp_path / "bspline.txt", '(Transform "BSplineTransform")\n(MaximumNumberOfIterations 9)\n'
                             '(NumberOfResolutions 1)\n(Metric "AdvancedMeanSquares")\n'
                             '(FinalGridSpacingInPhysicalUnits 16)\n(NumberOfSpatialSamples 500)\n')
@@ -248,12 +249,12 @@ def test_elastix_notes_reach_json_and_report_and_files_chain(pair, tmp_path, cap
                              "--elastix-params", bspline], capsys)
     assert code == 0, err
     doc = _one_json(stdout)
-    assert any("EulerTransform" in n for n in doc["notes"]), doc.get("notes")
+    assert any("FancyNewOption" in n for n in doc["notes"]), doc.get("notes")
     rep = json.loads((out / "report.json").read_text())
     assert rep["notes"] == doc["notes"]
-    # both files count: the affine stage from the first, the B-spline stage from the second
+    # both files count: the rigid stage from the first (EulerTransform), the B-spline stage from the second
     its = {(s["stage"], s["iterations"]) for s in rep["stages"]}
-    assert its == {("affine", 7), ("bspline", 9)}, its
+    assert its == {("rigid", 7), ("bspline", 9)}, its
     assert "note: " in run(["register", *pair, "-o", tmp_path / "o2", "--elastix-params", affine,
                             "--elastix-params", bspline], capsys)[2]
     # the wrong order is refused, not silently replaced
@@ -468,7 +469,11 @@ def test_elastix_chain_fields(tmp_path):
     assert fields["affine"] is True and fields["affine_iterations"] == 22 and fields["iterations"] == 33
     assert fields["init"] == "geometry"  # the first file initialises, as elastix's later stages start from it
     assert fields["grid_spacing"] == 12 and fields["levels"] == 3
-    assert any("rigid.txt" in n and "folded" in n for n in notes)
+    # rigid.txt is the rigid stage now, affine.txt the affine stage: nothing folded
+    assert fields["rigid"] is True and fields["rigid_iterations"] == 11
+    assert not any("folded" in n for n in notes)
+    _, notes2 = config_from_elastix_chain([affine, affine, bspline])
+    assert any("affine.txt" in n and "folded into the affine stage" in n for n in notes2)
     assert any("levels differs" in n for n in notes)
     assert not any("no affine stage" in n for n in notes)
     fields, _ = config_from_elastix_chain([rigid, affine])  # affine files only: no B-spline stage

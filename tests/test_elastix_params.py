@@ -247,7 +247,10 @@ def test_affine_only_map(tmp_path):
     assert RegistrationConfig(**fields).per_level("affine_iterations") == (400, 200)
     assert "ignored: FinalGridSpacingInPhysicalUnits (affine-only file: no B-spline grid)" in warnings
     euler, warnings = config_from_elastix({"Transform": "EulerTransform", "Metric": "AdvancedMeanSquares"})
-    assert euler["init"] == "none" and any("full affine" in w for w in warnings)
+    assert euler["init"] == "none" and euler["rigid"] is True and euler["affine"] is False  # the rigid stage
+    assert not any("full affine" in w for w in warnings)
+    similarity, warnings = config_from_elastix({"Transform": "SimilarityTransform"})
+    assert similarity["affine"] is True and any("full affine" in w for w in warnings)
 
 
 def test_bending_penalty_and_metric_weights():
