@@ -305,9 +305,11 @@ def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, *, in
     limit, what = min(limits, key=lambda b: b[0])
     if estimate.total <= limit:
         return
-    top = next((p for p in estimate.parts if p.fix != "nothing to change"), estimate.largest)
-    if budget_gb is not None and limit == float(budget_gb) * GB and estimate.total - top.bytes > limit:
-        top = MemoryPart(top.name, top.bytes, f"raise --memory to at least {format_bytes(estimate.total)}")
+    top = estimate.largest
+    if top.fix == "nothing to change":  # the fixed costs alone exceed the limit
+        fix = (f"raise --memory to at least {format_bytes(estimate.total)}" if budget_gb is not None
+               and limit == float(budget_gb) * GB else "use a machine with more memory")
+        top = MemoryPart(top.name, top.bytes, fix)
     raise RegistrationError(
         f"this run needs about {format_bytes(estimate.total)} of memory but {what} allows "
         f"{format_bytes(limit)}; the largest parts: {estimate.describe()}; to fit, {top.fix}")
