@@ -24,11 +24,17 @@ def features(
     feature_memory: Annotated[float, typer.Option("--feature-memory", help="Memory budget of one inference, GB.")] = 4.0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads. [default: all cores]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ):
     """Compute a model's feature maps of IMAGE; write them as NIfTI plus a PCA-to-RGB PNG per layer."""
     from fastimpact.features.export import write_feature_maps
 
     written = write_feature_maps(image, output, model=model, layers=layers, voxel_size=voxel_size, mask=mask,
                                  tile_size=tile_size, memory_gb=feature_memory, threads=threads, force=force)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"status": "ok", "outputs": [str(p) for p in written]}))
+        return
     for path in written:
         typer.echo(str(path))

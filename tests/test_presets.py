@@ -53,3 +53,29 @@ def test_every_preset_runs_on_a_small_pair_and_options_override_it(name, write_n
     assert report["config"]["metric"] == preset["metric"]  # from the preset
     assert report["config"]["levels"] == 2 and report["config"]["iterations"] == 8  # overridden
     assert report["config"]["grid_spacing"] == preset["grid_spacing"]
+
+
+def test_presets_json_on_success_and_failure(capsys):
+    assert main(["presets", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "ok" and {p["name"] for p in doc["presets"]} >= EXPECTED
+    assert main(["presets", "show", "mono", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"] == load_preset("mono")
+    assert main(["presets", "show", "nope", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["status"] == "error" and "does not exist" in doc["message"] and doc["exit_code"] == 2
+
+
+def test_models_and_features_json(capsys, write_nifti, tmp_path):
+    assert main(["models", "list", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["status"] == "ok" and any(m["name"] == "mind-r1d2" for m in doc["models"])
+    assert main(["models", "show", "mind", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["name"] == "mind-r1d2"
+    assert main(["models", "show", "nope", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "error"
+    img = write_nifti("img.nii.gz", blob_volume())
+    assert main(["features", str(img), "-o", str(tmp_path / "feat"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["status"] == "ok" and all((tmp_path / "feat").joinpath(p.split("/")[-1]).exists() for p in doc["outputs"])
