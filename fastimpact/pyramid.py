@@ -179,11 +179,6 @@ def level_geometry(shape, affine, factor):
     return tuple(int(n) for n in new_shape), np.asarray(affine, float) @ to_orig, to_orig
 
 
-def _smooth_sigma(factor: float) -> float:
-    """Gaussian sigma (original voxels) of an isotropic shrink ``factor``: 0.5 f, none at f = 1."""
-    return 0.5 * factor if factor > 1 else 0.0
-
-
 def _resample(src: np.ndarray, src_to_orig: np.ndarray, shape, to_orig: np.ndarray, order: int) -> np.ndarray:
     """Sample ``src`` (a level whose voxel i is original voxel src_to_orig i) on a coarser level."""
     from scipy import ndimage

@@ -321,6 +321,17 @@ class LevelData:
                                                                    self.moving_mask))
         return self._device
 
+    def with_masks(self, fixed_mask, moving_mask) -> "LevelData":
+        """The same level with other masks: images, coefficients and, where the moving mask is
+        the same array, the GPU copies are shared (the fixed mask only steers the sampler)."""
+        out = object.__new__(LevelData)
+        out.__dict__.update(self.__dict__)
+        out.fixed_mask = fixed_mask
+        if moving_mask is not self.moving_mask:
+            out.moving_mask = None if moving_mask is None else np.ascontiguousarray(moving_mask, dtype=np.uint8)
+            out._device = None
+        return out
+
 
 class CostFunction:
     """Metric value and gradient of the current stage's parameters at random samples.
@@ -587,17 +598,15 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
     if cfg.fov_mask == "auto":
         from .fov import detect_field_of_view
 
-        for role, img in (("fixed", fixed_img), ("moving", moving_img)):
-            if (fmask if role == "fixed" else mmask) is not None:
-                continue
-            found = detect_field_of_view(np.asarray(img.data))
-            if found is not None:
-                region, info = found
-                fov_notes[role] = info
-                if role == "fixed":
-                    fmask = region
-                else:
-                    mmask = region
+        def fov(mask, img, role):
+            """An image without a mask gets its detected field of view (if any) as its mask."""
+            found = None if mask is not None else detect_field_of_view(np.asarray(img.data))
+            if found is None:
+                return mask
+            fov_notes[role] = found[1]
+            return found[0]
+
+        fmask, mmask = fov(fmask, fixed_img, "fixed"), fov(mmask, moving_img, "moving")
     _check_not_constant(np.asarray(fixed_img.data), fmask, "fixed")
     _check_not_constant(np.asarray(moving_img.data), mmask, "moving")
     from .memory import check_run_memory
@@ -679,15 +688,21 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
 
         return get
 
+    def level_impact_settings(i):
+        """Level i's IMPACT settings with both images' features on one voxel size in mm (by
+        default the finest spacing of the fixed level)."""
+        from .features.settings import impact_settings, with_voxel_default
+
+        return with_voxel_default(impact_settings(cfg, i), float(np.min(level_data(i).fixed.spacing)))
+
     def impact_term(i):
         """The IMPACT term of level i (static: feature maps computed once, shared by both stages)."""
         if impact_levels[i] is None:
-            from .features.settings import impact_settings, with_voxel_default
+            from .features.settings import impact_settings
 
             lv = level_data(i)
             t_feat = time.perf_counter()
-            # both images' features on one voxel size in mm: the finest spacing of the fixed level
-            settings = with_voxel_default(impact_settings(cfg, i), float(np.min(lv.fixed.spacing)))
+            settings = level_impact_settings(i)
             if cfg.mode == "jacobian-dense":
                 from .metrics.impact_dense import build_dense_impact
 
@@ -722,14 +737,11 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         compared features inside the fixed image (and mask) around x and inside the moving image
         (and mask) around T(x), i.e. both eroded by the receptive field's radius in mm."""
         if i not in support_levels:
-            from .features.settings import impact_settings, with_voxel_default
-
             lv = level_data(i)
-            settings = with_voxel_default(impact_settings(cfg, i), float(np.min(lv.fixed.spacing)))
-            radius = _support_radius_mm(settings)
+            radius = _support_radius_mm(level_impact_settings(i))
             fm, r_f = _erode_mm(lv.fixed_mask, lv.fixed, radius)
             mm, r_m = _erode_mm(None if lv.moving_mask is None else lv.moving_mask > 0, lv.moving, radius)
-            support_levels[i] = LevelData(lv.fixed, lv.moving, fm, mm, moving_coef=lv.moving_coef)
+            support_levels[i] = lv.with_masks(fm, mm)
             report.setdefault("sample_support", []).append(
                 {"level": i + 1, "receptive_radius_mm": round(radius, 3), "fixed_erosion_mm": round(r_f, 3),
                  "moving_erosion_mm": round(r_m, 3)})
@@ -798,7 +810,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
                 # that covers less than the fixed one (a cut field of view) keeps enough valid samples
                 region = _overlap_region(cost, sample_mask)
                 if region is not None:
-                    lv = LevelData(lv.fixed, lv.moving, region, lv.moving_mask, moving_coef=lv.moving_coef)
+                    lv = lv.with_masks(region, lv.moving_mask)
                     sampler = RandomSampler(lv.fixed.shape, region, samples[li], cfg.seed,
                                             stream=(stages.index(stage), li), backend=backend)
                     cost = CostFunction(lv, metrics, sampler, transform, stage, backend, bending, bend_w[li],
@@ -814,7 +826,7 @@ def register(fixed, moving, *, fixed_mask=None, moving_mask=None, config: Regist
         report["bspline_grid"] = {"shape": list(transform.grid.shape), "spacing_mm": transform.grid.spacing.tolist()}
     finest = levels_data[-1]
     result = Result(transform, fixed_img, moving_img, cfg, report, backend, fixed_mask=fmask)
-    if finest is not None and finest.moving is moving_pyr[-1] and moving_pyr[-1].data is moving_f32.data:
+    if finest is not None and moving_pyr[-1].data is moving_f32.data:  # the finest level is the input itself
         result._moving_coef = finest.moving_coef  # the output warp reuses the finest prefilter
     return result
 
