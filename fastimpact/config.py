@@ -46,10 +46,10 @@ class RegistrationConfig:
         level's target spacing) or smooth (elastix's smoothing pyramid: no downsampling).
     pyramid_schedule: explicit shrink factors per level (coarse to fine), one number or three per
         level (per image axis, voxels), as elastix's FixedImagePyramidSchedule; None = automatic.
-    fov_mask: auto (an image given without a mask whose real data fill a cylinder inside a constant
-        background, as cone-beam CT, gets that field of view as its mask; see fastimpact.fov) or off.
     pyramid_sigma: explicit Gaussian sigmas in mm per level (one number or three); None = 0.5 x the
         level's spacing on shrunk axes (shrink) or on every axis (smooth).
+    fov_mask: auto (an image given without a mask whose real data fill a cylinder inside a constant
+        background, as cone-beam CT, gets that field of view as its mask; see fastimpact.fov) or off.
     iterations / samples: ASGD iterations and random samples per iteration of the B-spline stage
         (0 iterations skip a level; 0 at every level gives an affine-only registration).
     grid_spacing: B-spline control-point spacing at the finest level, mm; doubled per coarser level.
@@ -142,7 +142,8 @@ class RegistrationConfig:
     memory: float | None = None
 
     def __post_init__(self):
-        for name in PER_LEVEL + IMPACT_PER_LEVEL:  # lists and tuples compare equal after a file round trip
+        for name in PER_LEVEL + IMPACT_PER_LEVEL + ("pyramid_schedule", "pyramid_sigma"):  # lists and tuples
+            # compare equal after a file round trip
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         self.metric_terms()  # validates the metric expression
@@ -152,9 +153,6 @@ class RegistrationConfig:
         _choice("init", self.init, INIT_NAMES)
         _choice("pyramid", self.pyramid, PYRAMID_KINDS)
         _choice("fov_mask", self.fov_mask, FOV_MASK_MODES)
-        for name in ("pyramid_schedule", "pyramid_sigma"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.pyramid_schedule is not None or self.pyramid_sigma is not None:
             plan_pyramid((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), self.levels, self.pyramid, self.pyramid_schedule,
                          self.pyramid_sigma)  # validates both schedules
