@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from fastimpact.registration import register
+    from fastimpact.engine import register
     from fastimpact.synthetic import field_error, make_case
 
     case = make_case("t2", resolution=args.resolution, seed=0)

@@ -300,7 +300,7 @@ def _fastimpact_worker(spec_path: str) -> None:
     """Run ``fastimpact register`` (the CLI, in-process) once per entry of spec['runs']."""
     spec = json.loads(Path(spec_path).read_text())
     from fastimpact.cli.main import main as cli_main
-    import fastimpact.registration  # noqa: F401  (its import is part of the command's start-up)
+    import fastimpact.engine  # noqa: F401  (its import is part of the command's start-up)
 
     result = {"ready": time.time(), "runs": []}
     result_path = Path(spec["result"])

@@ -52,7 +52,10 @@ def main(argv=None) -> int:
     from fastimpact.features.maps import IntensityNormalization
     from fastimpact.features.settings import impact_settings
     from fastimpact.metrics.impact_jacobian import build_jacobian_impact
-    from fastimpact.registration import CostFunction, LevelData
+    from fastimpact.engine.cost import CostFunction
+    from fastimpact.engine.levels import LevelData
+    from fastimpact.metrics.term import WeightedSum
+    from fastimpact.transforms.parameterisation import BSplineParameterisation
     from fastimpact.samplers import RandomSampler
     from fastimpact.synthetic import make_case
     from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform
@@ -74,7 +77,8 @@ def main(argv=None) -> int:
         t = term.terms[0]
         for n in args.samples:
             sampler = RandomSampler(fixed.shape, None, n, seed=1)
-            cost = CostFunction(lv, [], sampler, tr, "bspline", "cpu", impact=(1.0, term))
+            cost = CostFunction(lv, WeightedSum([(1.0, term)]), sampler,
+                                BSplineParameterisation(tr, fixed.affine, 1.0, "cpu"), "cpu")
             flat = sampler.draw_flat()
             fa = fixed.affine
             idx = np.stack(np.unravel_index(flat, fixed.shape), 1).astype(np.float64)

@@ -161,7 +161,7 @@ def evaluate(
     extra_warnings = []
     warped_labels = None
     if fl is not None:
-        from fastimpact.registration import warp_image
+        from fastimpact.interpolation import warp_image
 
         mlab = Image(np.ascontiguousarray(label_array(ml).astype(np.int32)), ml.affine)
         warped_labels = warp_image(mlab, grid, u, "nearest").data
@@ -251,7 +251,7 @@ def evaluate(
         else:
             raise ConfigError("--qc needs a fixed image: give --fixed-image (or --fixed-labels)")
         if moving_image is not None:
-            from fastimpact.registration import warp_image
+            from fastimpact.interpolation import warp_image
 
             mimg = load_image(moving_image, role="moving image")
             warped = warp_image(mimg.with_data(np.asarray(mimg.data, dtype=np.float32)), grid, u, "linear").data
@@ -275,7 +275,7 @@ def evaluate(
             out["outputs"][f"qc_{k}"] = str(Path(qc) / Path(paths[k]).name)
 
     if as_json:
-        from fastimpact.cli.main import _emit
+        from fastimpact.cli.output import emit as _emit
 
         _emit(out, True)
         return

@@ -23,7 +23,8 @@ def invert(
     """Invert a registration: write v with T(y + v(y)) = y on a grid (moving -> fixed) and report the residual."""
     import numpy as np
 
-    from fastimpact.cli.main import _emit, _note
+    from fastimpact.cli.output import emit as _emit
+    from fastimpact.cli.output import note as _note
     from fastimpact.errors import ConfigError
     from fastimpact.image import Image
     from fastimpact.inverse import invert as invert_transform

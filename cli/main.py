@@ -16,6 +16,9 @@ from typing import Annotated, Optional
 import typer
 
 from fastimpact import __version__
+from fastimpact.cli.output import NOTES as _NOTES
+from fastimpact.cli.output import emit as _emit
+from fastimpact.cli.output import note as _note
 
 app = typer.Typer(
     name="fastimpact",
@@ -141,29 +144,6 @@ def _progress(enabled: bool, console=None):
     return progress, callback
 
 
-#: Notes and warnings of the current command: printed on stderr as they come (without --json) and
-#: included in the --json object (success or error).
-_NOTES: list[str] = []
-
-
-def _note(message: str, as_json: bool) -> None:
-    _NOTES.append(message)
-    if not as_json:
-        typer.echo(f"note: {message}", err=True)
-
-
-def _emit(result_summary: dict, as_json: bool):
-    import json
-
-    if as_json:
-        doc = dict(result_summary)
-        notes = list(dict.fromkeys([*doc.get("notes", []), *_NOTES]))
-        if notes:
-            doc["notes"] = notes
-        sys.stdout.write(json.dumps(doc, default=str) + "\n")
-        sys.stdout.flush()
-
-
 @app.command()
 def register(
     fixed: Annotated[Path, typer.Argument(help="Fixed (reference) image: .nii/.nii.gz, .mha/.mhd, .nrrd (the itk extra) or a DICOM series folder.")],
@@ -239,14 +219,6 @@ def register(
         ).items()
         if v is not None
     }
-    impact_given = [k for k in ("mode", "model", "moving_model", "layers", "distance", "layer_weights", "pca", "subset",
-                                "feature_norm", "voxel_size", "patch_size", "jacobian_chain", "tile_size",
-                                "feature_memory", "precision") if k in options]
-    if impact_given and "metric" in options and "impact" not in str(options["metric"]).lower():
-        from fastimpact.errors import ConfigError
-
-        raise ConfigError(f"--{impact_given[0].replace('_', '-')} applies to the IMPACT metric, but --metric is "
-                          f"{options['metric']!r}: add impact to --metric (e.g. 'impact' or 'impact+0.1*mi') or drop it")
     base, source = {}, "settings"
     if preset is not None:
         from fastimpact.presets import load_preset
@@ -276,7 +248,7 @@ def register(
 
         initial_affine_matrix(cfg.initial_transform)
     # Fail on an unusable output folder before spending minutes registering.
-    from fastimpact.registration import OUTPUT_NAMES
+    from fastimpact.result import OUTPUT_NAMES
 
     check_output_dir(output, force=force, names=list(OUTPUT_NAMES) + (["qc"] if qc else []))
     summary = _run_registration(fixed, moving, output, cfg, fixed_mask, moving_mask, force, as_json, t0, qc=qc)
@@ -300,7 +272,7 @@ def _per_level(value: str | None):
 def _run_registration(fixed, moving, output, cfg, fixed_mask, moving_mask, force, as_json, t0, truth=None, qc=False):
     import time
 
-    from fastimpact.registration import register as api_register
+    from fastimpact.engine import register as api_register
 
     progress, callback = _progress(not as_json)
     with progress:
@@ -310,7 +282,7 @@ def _run_registration(fixed, moving, output, cfg, fixed_mask, moving_mask, force
     if _NOTES:
         result.report["notes"] = list(_NOTES)
     if fixed_mask is not None and getattr(result, "fixed_mask", None) is None:
-        from fastimpact.registration import as_image
+        from fastimpact.inputs import as_image
 
         result.fixed_mask = as_image(fixed_mask, "fixed mask", mask=True).data > 0  # folds inside / outside it
     paths = result.save(output, force=force, fixed_name=str(fixed) if isinstance(fixed, Path) else None,
@@ -396,8 +368,8 @@ def demo(
 
     from fastimpact.config import RegistrationConfig
     from fastimpact.io import check_output_dir
-    from fastimpact.registration import OUTPUT_NAMES, QC_DIR
-    from fastimpact.registration import register as api_register
+    from fastimpact.result import OUTPUT_NAMES, QC_DIR
+    from fastimpact.engine import register as api_register
     from fastimpact.synthetic import field_error, make_case
 
     t0 = time.perf_counter()

@@ -26,7 +26,8 @@ def points(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON result on stdout.")] = False,
 ):
     """Map POINTS fixed -> moving (y = x + u(x)), as transformix -def does; moving landmarks need `fastimpact invert`."""
-    from fastimpact.cli.main import _emit, _note
+    from fastimpact.cli.output import emit as _emit
+    from fastimpact.cli.output import note as _note
     from fastimpact.errors import ConfigError, ImageIOError
     from fastimpact.points import load_forward, map_points, read_points, write_points
 

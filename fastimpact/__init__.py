@@ -67,10 +67,14 @@ __all__ = ["__version__", "cache_dir", "register", "Result", "Image", "load_imag
 
 
 def __getattr__(name):
-    if name in ("register", "Result"):
-        from . import registration
+    if name == "register":
+        from .engine import register
 
-        return getattr(registration, name)
+        return register
+    if name == "Result":
+        from .result import Result
+
+        return Result
     if name in ("Image",):
         from . import image
 

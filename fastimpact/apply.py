@@ -10,6 +10,7 @@ import numpy as np
 from .errors import ConfigError, ImageIOError
 from .image import Image
 from .transforms import CompositeTransform
+from .vocabulary import INTERPOLATIONS
 
 
 def load_transform(path) -> tuple[CompositeTransform, Image]:
@@ -35,9 +36,9 @@ def load_transform(path) -> tuple[CompositeTransform, Image]:
 def apply_transform(transform: CompositeTransform, image: Image, reference: Image, interpolation: str = "cubic",
                     backend: str = "cpu") -> Image:
     """Resample ``image`` (moving space) on the grid of ``reference`` (fixed space)."""
-    from .registration import warp_image
+    from .interpolation import warp_image
 
-    if interpolation not in ("cubic", "linear", "nearest"):
+    if interpolation not in INTERPOLATIONS:
         raise ConfigError(f"interpolation={interpolation!r} is invalid: choose cubic, linear or nearest")
     field = transform.displacement_field(reference.shape, reference.affine, backend)
     return warp_image(image, reference, field, interpolation, backend)

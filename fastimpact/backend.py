@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .errors import BackendError, ConfigError
+from .vocabulary import DEVICES
 
 
 def simulator_requested() -> bool:
@@ -59,7 +60,7 @@ def resolve_device(device: str) -> tuple[str, str]:
     ``cuda`` needs a usable GPU (or the simulator, switched on explicitly); ``auto`` takes the GPU
     when there is one, else the CPU, and says why in the note.
     """
-    if device not in ("cpu", "cuda", "auto"):
+    if device not in DEVICES:
         raise ConfigError(f"device={device!r} is invalid: choose cpu, cuda or auto")
     if device == "cpu":
         return "cpu", ""

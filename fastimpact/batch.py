@@ -124,7 +124,9 @@ def run_pair(pair: dict, config: dict, outdir, *, qc: bool = False, n_gpus: int 
         import numpy as np
 
         from .config import RegistrationConfig
-        from .registration import as_image, register, warp_image
+        from .engine import register
+        from .inputs import as_image
+        from .interpolation import warp_image
 
         cfg = RegistrationConfig.from_dict(config, source="batch settings")
         result = register(pair["fixed"], pair["moving"], fixed_mask=pair.get("fixed_mask"),

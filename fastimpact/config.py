@@ -15,11 +15,9 @@ from typing import Any
 
 from .errors import ConfigError
 from .pyramid import PYRAMID_KINDS, plan_pyramid
+from .vocabulary import DEVICES, IMPACT_MODES, INTERPOLATIONS, JACOBIAN_CHAINS, METRIC_NAMES, PRECISIONS
 
-METRIC_NAMES = ("mse", "ncc", "mi", "impact")
 INIT_NAMES = ("moments", "geometry", "none")
-INTERPOLATIONS = ("cubic", "linear", "nearest")
-DEVICES = ("cpu", "cuda", "auto")
 ASGD_ESTIMATIONS = ("original", "displacement_distribution")
 PER_LEVEL = ("iterations", "samples", "affine_iterations", "rigid_iterations", "bending_weight")
 # IMPACT settings: per level (scalar or one entry per level); an entry holds one value per model
@@ -28,10 +26,9 @@ PER_LEVEL = ("iterations", "samples", "affine_iterations", "rigid_iterations", "
 # to every model / layer.
 IMPACT_PER_LEVEL = ("model", "moving_model", "layers", "voxel_size", "patch_size", "distance", "layer_weights", "subset", "pca",
                     "feature_norm")
-IMPACT_MODES = ("static", "jacobian", "jacobian-dense")
-JACOBIAN_CHAINS = ("centre", "exact")
-PRECISIONS = ("fp32", "tf32", "fp16")
 FOV_MASK_MODES = ("auto", "off")
+#: settings that only the IMPACT metric reads
+IMPACT_ONLY = ("mode",) + IMPACT_PER_LEVEL + ("jacobian_chain", "tile_size", "feature_memory", "precision")
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,14 @@ class RegistrationConfig:
         _number("feature_memory", self.feature_memory, positive=True)
         if self.memory is not None:
             _number("memory", self.memory, positive=True)
+        if not self.uses_impact():
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [name for name in IMPACT_ONLY if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ConfigError(
+                    f"{changed[0]}={getattr(self, changed[0])!r} (--{changed[0].replace('_', '-')}) applies to the IMPACT "
+                    f"metric, but the metric is {self.metric!r}: add impact to the metric (e.g. 'impact' or "
+                    f"'impact+0.1*mi') or drop {changed[0]}")
         if self.uses_impact():
             from .features.settings import impact_settings
 

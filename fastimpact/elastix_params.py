@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from .errors import ConfigError
+from .vocabulary import FEATURE_NORMS, TORCHSCRIPT_SUFFIXES
 
 __all__ = ["read_elastix_parameters", "parse_elastix_text", "config_from_elastix", "config_from_elastix_chain",
            "METRIC_NAMES"]
@@ -50,7 +51,6 @@ BSPLINE_TRANSFORMS = ("BSplineTransform", "RecursiveBSplineTransform", "Advanced
 AFFINE_TRANSFORMS = ("AffineTransform", "AffineDTITransform", "AffineLogTransform", "EulerTransform",
                      "SimilarityTransform", "TranslationTransform")
 ELASTIX_DISTANCES = ("L1", "L2", "NCC", "Cosine", "L1Cosine", "Dice", "DotProduct")
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
 # elastix's clamp of ImpactSubsetFeatures is [1, channels]; missing per-layer values take the
 # defaults of the metric's first release.
 IMPACT_LAYER_DEFAULTS = {"SubsetFeatures": 32, "PCA": 0, "Distance": "L2", "LayersWeight": 1.0}
@@ -980,7 +980,7 @@ def _map_impact(p, levels, fields, warnings):
         else:
             norms = [str(v).lower() for v in norms]
             for v in norms:
-                if v not in ("none", "l2", "standardized"):
+                if v not in FEATURE_NORMS:
                     raise ConfigError(f"elastix parameter ImpactFeatureNormalization{lv}={v!r} is invalid: use none, "
                                       "l2 or standardized")
             if len(norms) == len(counts) and len(norms) != n_layers:  # one per model -> one per kept layer

@@ -43,7 +43,7 @@ ONNX_BASE_BYTES = 0.2 * GB
 #: resampling coordinates (3 x float32 at least), the gzip write buffers and the quality figures.
 OUTPUT_BYTES_PER_VOXEL = 40.0
 #: ONNX Runtime's resident peak relative to the manifest-based per-voxel estimate of
-#: :func:`fastimpact.features.maps._bytes_per_voxel` (measured with mind: 0.3-0.8).
+#: :func:`fastimpact.features.maps.bytes_per_voxel` (measured with mind: 0.3-0.8).
 ORT_FACTOR = 0.75
 
 
@@ -133,7 +133,7 @@ def estimate_peak_memory(cfg, fixed_shape, fixed_spacing, moving_shape, moving_s
 
 
 def _impact_parts(cfg, f_levels, m_levels, fixed_spacing, moving_spacing, plan, backend) -> list:
-    from .features.maps import _bytes_per_voxel
+    from .features.maps import bytes_per_voxel
     from .features.settings import impact_settings
     from .onnx_models import load_model_spec
 
@@ -154,7 +154,7 @@ def _impact_parts(cfg, f_levels, m_levels, fixed_spacing, moving_spacing, plan, 
             spec = load_model_spec(use.fixed_model)
             d = spec.dimension
             outputs = [lu.index for lu in use.layers if lu.index < len(spec.layers)] or [0]
-            bpv = _bytes_per_voxel(spec, outputs)
+            bpv = bytes_per_voxel(spec, outputs)
             if cfg.mode == "static":
                 voxel = use.voxel_size or float(np.min(f_sp))
                 nf = _prod(np.floor(f_ext / voxel + 1e-6) + 1)

@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 from fastimpact.errors import ConfigError
+from fastimpact.vocabulary import TORCHSCRIPT_SUFFIXES
 
 OPSET = 18
 
@@ -1150,7 +1151,6 @@ def time_full_vjp(path, shape, channels, strides, threads: int = 2, repeats: int
 # <name>_vjp_full.onnx, <name>.json
 # ----------------------------------------------------------------------------------------------
 
-_TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
 
 
 def _import_dotted(name: str):
@@ -1243,7 +1243,7 @@ def load_user_network(network, *, weights=None, entry: str | None = None, config
     weights = None if weights is None else Path(weights)
     if weights is not None and not weights.is_file():
         raise ConfigError(f"weights '{weights}' do not exist")
-    if suffix in _TORCHSCRIPT_SUFFIXES and weights is None:
+    if suffix in TORCHSCRIPT_SUFFIXES and weights is None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -57,3 +57,28 @@ def cost_gradient_check(cost, flat, stage, *, eps, n_picks=10, threshold=1e-3):
         num.append((vals[0] - vals[1]) / (2 * eps))
     cost.set_parameters(theta)
     return value, grad[picks], np.array(num), np.abs(grad).max()
+
+
+def make_cost(level, parts, sampler, transform, stage, backend="cpu", *, radius=30.0, bending_weight=0.0):
+    """A cost function as the driver builds it: the weighted sum of ``parts`` ((weight, term) pairs,
+    or one term) plus, with ``bending_weight``, the stage's bending penalty, on the ``stage``
+    parameterisation of ``transform`` at ``level``."""
+    from fastimpact.engine.cost import CostFunction
+    from fastimpact.metrics.term import BendingPenalty, Term, WeightedSum
+    from fastimpact.transforms.parameterisation import PARAMETERISATIONS
+
+    parts = [(1.0, parts)] if isinstance(parts, Term) else list(parts)
+    cls = PARAMETERISATIONS[stage]
+    if bending_weight > 0:
+        parts.append((bending_weight, BendingPenalty(cls.bending_energy(transform, level.fixed.shape))))
+    term = WeightedSum(parts)
+    term.start_stage()
+    return CostFunction(level, term, sampler, cls(transform, level.fixed.affine, radius, backend), backend)
+
+
+def batch_at(flat, x, y, transform=None, gradient=True):
+    """A SampleBatch of world points for a point term (the fields a point term reads)."""
+    from fastimpact.metrics.term import SampleBatch, TransformView
+
+    view = transform if transform is not None else TransformView(np.eye(4))
+    return SampleBatch(np.asarray(flat), x, y, None, None, None, view, gradient)

@@ -14,7 +14,7 @@ from fastimpact.cli.main import main
 from conftest import blob_volume
 
 FAST = ["--levels", "1", "--iterations", "20", "--samples", "500", "--affine-iterations", "5", "--grid-spacing", "16"]
-from fastimpact.registration import OUTPUT_NAMES  # noqa: E402
+from fastimpact.result import OUTPUT_NAMES  # noqa: E402
 
 OUTPUTS = set(OUTPUT_NAMES)  # warped, displacement, transform.json, report.json and the transform files
 

@@ -13,7 +13,7 @@ from conftest import blob_volume
 from fastimpact.cli.main import main
 
 SHAPE = (28, 30, 26)
-from fastimpact.registration import OUTPUT_NAMES  # noqa: E402
+from fastimpact.result import OUTPUT_NAMES  # noqa: E402
 
 OUTPUTS = set(OUTPUT_NAMES)
 IMPACT = ["--metric", "impact", "--model", "mind", "--distance", "l2", "--levels", "2", "--iterations", "30",

@@ -45,7 +45,7 @@ def test_thick_slice_profile_averages_across_the_slice():
 
 @pytest.mark.slow
 def test_mi_recovers_the_cross_grid_deformation(case):
-    from fastimpact.registration import register
+    from fastimpact.engine import register
 
     r = register(case.fixed, case.moving, metric="mi", iterations=150, affine=False, threads=2)
     err = field_error(r.displacement, case.u_true, case.mask)
@@ -57,7 +57,7 @@ def test_mi_recovers_the_cross_grid_deformation(case):
 @pytest.mark.slow
 def test_static_impact_converges_on_the_cross_grid_pair(case):
     """Before the physical-space pyramid and the common feature grid this diverged (19 mm)."""
-    from fastimpact.registration import register
+    from fastimpact.engine import register
 
     r = register(case.fixed, case.moving, metric="impact", iterations=150, affine=False, threads=2)
     err = field_error(r.displacement, case.u_true, case.mask)
@@ -67,32 +67,32 @@ def test_static_impact_converges_on_the_cross_grid_pair(case):
 
 
 def test_receptive_field_erosion_in_mm_on_an_anisotropic_grid():
-    from fastimpact.registration import _erode_mm
+    from fastimpact.engine.levels import erode_mm
 
     img = Image(np.zeros((30, 30, 10), np.float32), make_affine((1.0, 1.0, 3.0)))
-    region, r = _erode_mm(None, img, 6.0)
+    region, r = erode_mm(None, img, 6.0)
     assert r == 6.0
     # 6 voxels off each in-plane edge, 2 slices off each end
     assert region.sum() == (30 - 12) * (30 - 12) * (10 - 4)
     assert region[6, 6, 2] and not region[5, 6, 2] and not region[6, 6, 1]
     mask = np.zeros(img.shape, bool)
     mask[10:26, 10:26, 2:8] = True
-    region, r = _erode_mm(mask, img, 3.0)
+    region, r = erode_mm(mask, img, 3.0)
     assert r == 3.0 and region.sum() == 10 * 10 * 4
     # an erosion that would leave almost nothing is halved
-    region, r = _erode_mm(mask, img, 12.0)
+    region, r = erode_mm(mask, img, 12.0)
     assert r < 12.0 and region.sum() >= 0.1 * mask.sum()
 
 
 def test_support_radius_from_the_manifest():
     from fastimpact.config import RegistrationConfig
     from fastimpact.features.settings import impact_settings, with_voxel_default
-    from fastimpact.registration import _support_radius_mm
+    from fastimpact.metrics.impact import receptive_radius_mm
 
     cfg = RegistrationConfig(metric="impact", model="mind")
     s = with_voxel_default(impact_settings(cfg, 0), 2.5)
     assert all(m.voxel_size == 2.5 for m in s.models)
-    assert _support_radius_mm(s) == pytest.approx(3 * 2.5)  # MIND r1d2: receptive field 7 voxels
+    assert receptive_radius_mm(s) == pytest.approx(3 * 2.5)  # MIND r1d2: receptive field 7 voxels
     cfg = RegistrationConfig(metric="impact", model="mind", voxel_size=1.5)
     s = with_voxel_default(impact_settings(cfg, 0), 2.5)
     assert s.models[0].voxel_size == 1.5  # an explicit voxel size wins
@@ -100,11 +100,11 @@ def test_support_radius_from_the_manifest():
 
 def test_static_features_of_both_images_share_one_voxel_size(monkeypatch):
     """Fixed at 2 mm, moving at 1.5 x 1.5 x 4.5 mm: both feature maps come out at one spacing."""
-    import fastimpact.metrics.impact as impact_mod
-    from fastimpact.registration import register
+    from fastimpact.engine import register
+    from fastimpact.engine.terms import IMPACT_BUILDERS
 
     seen = []
-    real = impact_mod.build_static_impact
+    real = IMPACT_BUILDERS["static"]
 
     def spy(settings, *a, **k):
         seen.append([m.voxel_size for m in settings.models])
@@ -112,7 +112,7 @@ def test_static_features_of_both_images_share_one_voxel_size(monkeypatch):
         seen.append([(np.linalg.inv(p.fixed_inv), np.linalg.inv(p.moving_inv)) for p in term.pairs])
         return term
 
-    monkeypatch.setattr(impact_mod, "build_static_impact", spy)
+    monkeypatch.setitem(IMPACT_BUILDERS, "static", spy)
     rng = np.random.default_rng(0)
     i, j, k = np.meshgrid(*[np.arange(n) for n in (24, 24, 24)], indexing="ij")
     blob = np.exp(-((i - 12) ** 2 + (j - 11) ** 2 + (k - 13) ** 2) / 40.0).astype(np.float32)
@@ -151,7 +151,7 @@ def test_field_of_view_of_a_cbct_like_disc_is_found_and_a_head_is_left_alone():
 
 
 def test_registration_uses_the_detected_field_of_view_as_moving_mask():
-    from fastimpact.registration import register
+    from fastimpact.engine import register
 
     rng = np.random.default_rng(1)
     i, j, k = np.meshgrid(*[np.arange(n) for n in (32, 32, 24)], indexing="ij")

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from conftest import blob_volume, cost_gradient_check
+from conftest import blob_volume, cost_gradient_check, make_cost
 from fastimpact.image import Image
 from fastimpact.metrics import make_metric
-from fastimpact.registration import CostFunction, LevelData
+from fastimpact.engine.levels import LevelData
 from fastimpact.samplers import RandomSampler
-from fastimpact.transforms import AffineTransform, BendingEnergy, BSplineGrid, CompositeTransform
+from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform
 
 
 def _setup(metric, stage, backend, bending_weight=0.0):
@@ -29,8 +29,7 @@ def _setup(metric, stage, backend, bending_weight=0.0):
     tr = CompositeTransform(AffineTransform(np.eye(3) + 0.01 * rng.normal(size=(3, 3)), rng.normal(size=3), center),
                             grid, 0.8 * rng.normal(size=tuple(grid.shape) + (3,)))
     sampler = RandomSampler(fixed.shape, None, 3000, seed=3)
-    bending = BendingEnergy(grid, fixed.shape) if bending_weight else None
-    cost = CostFunction(lv, m, sampler, tr, stage, backend, bending, bending_weight, radius=30.0)
+    cost = make_cost(lv, m, sampler, tr, stage, backend, radius=30.0, bending_weight=bending_weight)
     flat, idx = sampler.draw()
     # keep points well inside the moving image so no point crosses the boundary under perturbation
     q = moving.world_to_index(tr.map_world(fixed.index_to_world(idx)))
@@ -62,6 +61,6 @@ def test_identical_images_give_zero_update():
     m.prepare(img.data, img.data)
     grid = BSplineGrid.for_image(img.shape, img.affine, 12.0)
     tr = CompositeTransform(AffineTransform(center=img.center()), grid, np.zeros(tuple(grid.shape) + (3,)))
-    cost = CostFunction(lv, m, RandomSampler(img.shape, None, 2000, 0), tr, "bspline", "cpu")
+    cost = make_cost(lv, m, RandomSampler(img.shape, None, 2000, 0), tr, "bspline", "cpu", radius=1.0)
     value, grad = cost.evaluate()
     assert value < 1e-3 and np.abs(grad).max() < 1e-3

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastimpact
-from fastimpact import registration
+from fastimpact.engine import estimation
 from fastimpact.errors import BackendError
 
 from conftest import blob_volume
@@ -27,7 +27,7 @@ FIELD_TOL = 1e-4
 
 @pytest.fixture
 def small_exact_gradient(monkeypatch):
-    monkeypatch.setattr(registration, "EXACT_GRADIENT_SAMPLES", 150)
+    monkeypatch.setattr(estimation, "EXACT_GRADIENT_SAMPLES", 150)
 
 
 def _pair():
@@ -52,7 +52,7 @@ def test_cuda_and_cpu_give_the_same_field(metric, extra, small_exact_gradient):
     u_cpu, u_gpu = runs["cpu"].displacement, runs["cuda"].displacement
     assert np.abs(u_cpu).max() > 0.05  # the registration moved something
     np.testing.assert_allclose(u_gpu, u_cpu, atol=FIELD_TOL)
-    # classic metrics run the whole iteration on the GPU (fastimpact.device_loop); IMPACT the hybrid loop
+    # classic metrics run the whole iteration on the GPU (fastimpact.engine.device_loop); IMPACT the hybrid loop
     loops = {st.get("loop", "host") for st in runs["cuda"].report["stages"]}
     assert loops == ({"host"} if metric == "impact" else {"device"})
     # the same samples were used: the same metric trace

@@ -273,7 +273,7 @@ def folding_transform(shape, affine, amplitude=25.0):
 
 def make_result(shape=(24, 22, 20), fold=True, stages=None, mask=None):
     from fastimpact.config import RegistrationConfig
-    from fastimpact.registration import Result
+    from fastimpact.result import Result
 
     affine = make_affine((2.0, 2.0, 2.0), (-20.0, -20.0, -20.0))
     rng = np.random.default_rng(0)
@@ -299,7 +299,7 @@ def test_result_report_holds_jacobian_figures_and_warnings(tmp_path):
 
 
 def test_register_json_and_stderr_carry_the_warnings(tmp_path, capsys, monkeypatch, write_nifti):
-    import fastimpact.registration as reg
+    import fastimpact.engine as reg
 
     f = write_nifti("f.nii.gz", np.random.default_rng(0).random((24, 22, 20)).astype(np.float32))
     bad = make_result(stages=[stage(2295.9, 2500.0, 2490.0, name="affine", level=3)])
@@ -322,7 +322,7 @@ def registered(tmp_path):
     """A saved registration whose transform is a known translation, fixed and moving label maps on
     different grids (the moving one flipped along x, another origin), and paired landmarks."""
     from fastimpact.config import RegistrationConfig
-    from fastimpact.registration import Result
+    from fastimpact.result import Result
 
     shape = (20, 18, 16)
     f_aff = make_affine((2.0, 1.5, 2.5), (-20.0, -12.0, -18.0))

@@ -8,14 +8,15 @@ pytest.importorskip("onnxruntime")
 
 from nibabel.orientations import apply_orientation, io_orientation  # noqa: E402
 
-from conftest import blob_volume, cost_gradient_check  # noqa: E402
+from conftest import batch_at, blob_volume, cost_gradient_check, make_cost  # noqa: E402
 from fastimpact.config import RegistrationConfig  # noqa: E402
 from fastimpact.errors import ConfigError  # noqa: E402
 from fastimpact.features.maps import IntensityNormalization  # noqa: E402
 from fastimpact.features.settings import impact_settings  # noqa: E402
 from fastimpact.image import Image  # noqa: E402
 from fastimpact.metrics import impact_dense as dense  # noqa: E402
-from fastimpact.registration import CostFunction, LevelData  # noqa: E402
+from fastimpact.engine.levels import LevelData  # noqa: E402
+from fastimpact.metrics.term import TransformView  # noqa: E402
 from fastimpact.samplers import RandomSampler  # noqa: E402
 from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform  # noqa: E402
 
@@ -72,7 +73,7 @@ def _cost(stage, model="mind", n=300, **options):
     tr = CompositeTransform(AffineTransform(np.eye(3) + 0.01 * rng.normal(size=(3, 3)), rng.normal(size=3),
                                             fixed.center()), grid, 0.8 * rng.normal(size=tuple(grid.shape) + (3,)))
     sampler = RandomSampler(fixed.shape, None, n, seed=3)
-    cost = CostFunction(lv, [], sampler, tr, stage, "cpu", radius=30.0, impact=(1.0, term))
+    cost = make_cost(lv, term, sampler, tr, stage, "cpu", radius=30.0)
     flat, idx = sampler.draw()
     q = moving.world_to_index(tr.map_world(fixed.index_to_world(idx)))
     inner = np.all((q > 1.0) & (q < np.array(moving.shape) - 2.0), axis=1)
@@ -101,11 +102,12 @@ def test_dense_value_equals_static_features_at_identity():
     term = dense.build_dense_impact(impact_settings(cfg, 0), fixed, fixed, _norms(fixed), _norms(fixed),
                                     moving_coef=lv.moving_coef)
     x = fixed.index_to_world(np.array([[5.0, 6, 7], [10, 12, 9], [14, 8, 11]]))
-    v0, _, _ = term.value_and_gradient(x, np.eye(4), None, None, gradient=False)
-    term.reset_normalisation()
+    v0 = term.evaluate(batch_at(None, x, None, TransformView(np.eye(4)), gradient=False)).value
+    term.start_stage()
     shift = np.eye(4)
     shift[:3, 3] = [1.5, 0, 0]
-    v1, pts, gy = term.value_and_gradient(x, shift, None, None)
+    out = term.evaluate(batch_at(None, x, None, TransformView(shift)))
+    v1, pts, gy = out.value, out.points, out.point_gradient
     assert v0 == pytest.approx(0.0, abs=1e-6) and v1 > 0
     assert len(pts) > len(x) and np.abs(gy).max() > 0  # the cotangents reach the receptive field
 
@@ -147,7 +149,8 @@ def test_dense_term_on_the_cuda_backend_equals_the_cpu():
     for backend in ("cpu", "cuda"):
         term = dense.build_dense_impact(impact_settings(cfg, 0), fixed, moving, _norms(fixed), _norms(moving),
                                         moving_coef=lv.moving_coef, backend=backend)
-        out[backend] = term.value_and_gradient(x, np.eye(4), coef, grid.world_to_grid())
+        r = term.evaluate(batch_at(None, x, None, TransformView(np.eye(4), coef, grid.world_to_grid())))
+        out[backend] = (r.value, r.points, r.point_gradient)
     assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-6)
     np.testing.assert_allclose(out["cuda"][1], out["cpu"][1])
     np.testing.assert_allclose(out["cuda"][2], out["cpu"][2], rtol=1e-5, atol=1e-9 * np.abs(out["cpu"][2]).max())

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import blob_volume, cost_gradient_check  # noqa: E402
+from conftest import batch_at, blob_volume, cost_gradient_check, make_cost  # noqa: E402
 from fastimpact import register  # noqa: E402
 from fastimpact.config import RegistrationConfig  # noqa: E402
 from fastimpact.errors import ConfigError  # noqa: E402
@@ -14,7 +14,7 @@ from fastimpact.features.maps import IntensityNormalization  # noqa: E402
 from fastimpact.features.settings import impact_settings  # noqa: E402
 from fastimpact.image import Image  # noqa: E402
 from fastimpact.metrics.impact_jacobian import build_jacobian_impact, patch_offsets  # noqa: E402
-from fastimpact.registration import CostFunction, LevelData  # noqa: E402
+from fastimpact.engine.levels import LevelData  # noqa: E402
 from fastimpact.samplers import RandomSampler  # noqa: E402
 from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform  # noqa: E402
 
@@ -42,7 +42,7 @@ def _cost(stage, chain="exact", n=300, **options):
     tr = CompositeTransform(AffineTransform(np.eye(3) + 0.01 * rng.normal(size=(3, 3)), rng.normal(size=3),
                                             fixed.center()), grid, 0.8 * rng.normal(size=tuple(grid.shape) + (3,)))
     sampler = RandomSampler(fixed.shape, None, n, seed=3)
-    cost = CostFunction(lv, [], sampler, tr, stage, "cpu", radius=30.0, impact=(1.0, term))
+    cost = make_cost(lv, term, sampler, tr, stage, "cpu", radius=30.0)
     flat, idx = sampler.draw()
     q = moving.world_to_index(tr.map_world(fixed.index_to_world(idx)))
     inner = np.all((q > 1.0) & (q < np.array(moving.shape) - 2.0), axis=1)
@@ -92,7 +92,7 @@ def test_centre_chain_approximates_the_exact_gradient(stage):
 
 def test_fixed_patch_gather_equals_interpolation():
     cost, flat = _cost("bspline", distance="l2")
-    term = cost.impact[1]
+    term = cost.term.terms[0][1]
     x = np.stack(np.unravel_index(flat, cost.level.fixed.shape), 1) @ AFF_F[:3, :3].T + AFF_F[:3, 3]
     t = term.terms[0]
     assert t.grid_offsets is not None  # patch voxels are fixed-grid voxels: the gather path
@@ -145,9 +145,9 @@ def test_with_a_moving_mask_only_patches_inside_it_are_used():
     mask = np.zeros(lv.moving.shape, np.uint8)
     mask[8:20, 8:22, 8:18] = 1
     lv.moving_mask = mask
-    kept, x, y, _ = cost._map_points(flat)
+    kept, x, y, _ = cost.map_points(flat)
     assert 0 < len(kept) < len(flat)
-    term = cost.impact[1]
+    term = cost.term.terms[0][1]
     offsets = term.max_offsets()
     minv = lv.moving_inv
     for xi in x[:: max(1, len(x) // 20)]:

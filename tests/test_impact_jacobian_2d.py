@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from _tiny2d import build_graphs, write_tiny2d  # noqa: E402
-from conftest import blob_volume, cost_gradient_check  # noqa: E402
+from conftest import batch_at, blob_volume, cost_gradient_check, make_cost  # noqa: E402
 from fastimpact import register  # noqa: E402
 from fastimpact.config import RegistrationConfig  # noqa: E402
 from fastimpact.errors import ConfigError  # noqa: E402
@@ -20,7 +20,7 @@ from fastimpact.features.maps import IntensityNormalization  # noqa: E402
 from fastimpact.features.settings import impact_settings  # noqa: E402
 from fastimpact.image import Image  # noqa: E402
 from fastimpact.metrics.impact_jacobian import build_jacobian_impact, random_rotations  # noqa: E402
-from fastimpact.registration import CostFunction, LevelData  # noqa: E402
+from fastimpact.engine.levels import LevelData  # noqa: E402
 from fastimpact.samplers import RandomSampler  # noqa: E402
 from fastimpact.transforms import AffineTransform, BSplineGrid, CompositeTransform  # noqa: E402
 
@@ -91,7 +91,7 @@ def _cost(stage, model, chain="exact", n=300, same=False, **options):
         tr = CompositeTransform(AffineTransform(np.eye(3) + 0.01 * rng.normal(size=(3, 3)), rng.normal(size=3),
                                                 fixed.center()), grid, 0.8 * rng.normal(size=tuple(grid.shape) + (3,)))
     sampler = RandomSampler(fixed.shape, None, n, seed=3)
-    cost = CostFunction(lv, [], sampler, tr, stage, "cpu", radius=30.0, impact=(1.0, term))
+    cost = make_cost(lv, term, sampler, tr, stage, "cpu", radius=30.0)
     flat, idx = sampler.draw()
     q = moving.world_to_index(tr.map_world(fixed.index_to_world(idx)))
     inner = np.all((q > 1.0) & (q < np.array(moving.shape) - 2.0), axis=1)
@@ -106,7 +106,7 @@ def _cost(stage, model, chain="exact", n=300, same=False, **options):
 ])
 def test_exact_chain_gradient_matches_finite_differences_with_frozen_planes(models, stage, channels, options):
     cost, flat = _cost(stage, models[channels], **options)
-    term = cost.impact[1]
+    term = cost.term.terms[0][1]
     term.freeze_rotations = True  # the same planes for every evaluation of the check
     _, g, num, scale = cost_gradient_check(cost, flat, stage, eps=1e-3 if stage == "affine" else 1e-2, n_picks=8,
                                            threshold=1e-2)
@@ -127,7 +127,7 @@ def test_centre_chain_with_planes(models):
         ge = ge.copy()
         vc, gc = centre.evaluate_at(flat)
         # both costs draw the same planes (same seeds): only the chain differs
-        np.testing.assert_array_equal(exact.impact[1].terms[0].last_offsets, centre.impact[1].terms[0].last_offsets)
+        np.testing.assert_array_equal(exact.term.terms[0][1].terms[0].last_offsets, centre.term.terms[0][1].terms[0].last_offsets)
         assert ve == pytest.approx(vc, rel=1e-6)
         if stage == "affine":
             np.testing.assert_allclose(gc[9:], ge[9:], rtol=1e-6, atol=1e-9 * np.abs(ge).max())
@@ -139,7 +139,7 @@ def test_centre_chain_with_planes(models):
 
 def test_planes_are_random_rotations_shared_by_fixed_and_moving(models):
     cost, flat = _cost("bspline", models[1], distance="l2", same=True)
-    term = cost.impact[1]
+    term = cost.term.terms[0][1]
     t = term.terms[0]
     # fixed == moving and T = identity: the fixed and moving patches coincide only if they use
     # the same plane, so the l2 distance vanishes

@@ -133,7 +133,7 @@ def test_register_outputs_load_in_sitk_and_transformix(tmp_path):
     """save_outputs writes transform.h5/.tfm and TransformParameters*.txt that reproduce
     Result.displacement (the field written to displacement.nii.gz)."""
     from fastimpact.config import RegistrationConfig
-    from fastimpact.registration import OUTPUT_NAMES, Result
+    from fastimpact.result import OUTPUT_NAMES, Result
 
     fixed, T, _ = make_case(seed=3)
     rng = np.random.default_rng(0)
@@ -142,9 +142,9 @@ def test_register_outputs_load_in_sitk_and_transformix(tmp_path):
     res = Result(T, fixed, moving, RegistrationConfig(iterations=1, affine_iterations=1), {"stages": []})
     paths = res.save(tmp_path / "out")
     out = tmp_path / "out"
-    from fastimpact import interchange, registration
+    from fastimpact import interchange, result
 
-    assert registration.TRANSFORM_FILE_NAMES == interchange.TRANSFORM_FILE_NAMES
+    assert result.TRANSFORM_FILE_NAMES == interchange.TRANSFORM_FILE_NAMES
     for name in ("transform.h5", "transform.tfm", "TransformParameters.0.txt", "TransformParameters.affine.txt"):
         assert name in OUTPUT_NAMES and (out / name).is_file(), name
     assert paths["itk_transform"] == str(out / "transform.h5")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastimpact.image import Image
-from fastimpact.registration import register
+from fastimpact.engine import register
 from fastimpact.synthetic import field_error, make_case
 
 

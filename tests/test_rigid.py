@@ -69,7 +69,7 @@ def test_rigid_cost_gradient_matches_finite_differences(metric):
 
 
 def test_rigid_registration_recovers_a_known_rotation_and_translation():
-    from fastimpact.registration import register
+    from fastimpact.engine import register
 
     shape = (40, 44, 36)
     fixed_aff = make_affine((2.0, 2.0, 2.0), (-40.0, -44.0, -36.0))

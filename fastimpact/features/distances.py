@@ -73,6 +73,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..vocabulary import DISTANCE_NAMES, FEATURE_NORMS
 
 __all__ = ["DISTANCES", "PER_SAMPLE_DISTANCES", "FEATURE_NORMS", "NORM_EPS", "DICE_EPS", "NCC_VAR_EPS",
            "L1COSINE_LAMBDA", "distance", "check_distance", "check_feature_norm", "normalize",
@@ -91,7 +92,6 @@ L1COSINE_LAMBDA = 0.1
 #: temporaries are fresh pages each call (measured 3-6x slower at K = 2000-5000, C = 32-128).
 BLOCK_ELEMENTS = 16384
 
-FEATURE_NORMS = ("none", "l2", "standardized")
 
 
 class NormState(NamedTuple):
@@ -377,7 +377,7 @@ def _public(key: str):
 
 #: name -> function ``(f, m, with_grad=True) -> (value, dvalue/dm (K, C) or None)`` on (K, C) arrays.
 DISTANCES: dict[str, Callable] = {key: _public(key) for key in
-                                  ("l1", "l2", "ncc", "cosine", "l1cosine", "dice", "dotproduct")}
+                                  DISTANCE_NAMES}
 
 #: Distances whose value is the mean of per-sample terms (all but NCC).
 PER_SAMPLE_DISTANCES = frozenset(DISTANCES) - {"ncc"}

@@ -65,7 +65,7 @@ def write_feature_maps(image, outdir, *, model="mind", layers=None, voxel_size=N
     from ..image import Image
     from ..io import check_output_dir, output_dir
     from ..onnx_models import load_model_spec
-    from ..registration import _check_mask, as_image
+    from ..inputs import as_image, check_mask
     from .maps import FeatureExtractor, IntensityNormalization, compute_feature_maps
 
     spec = load_model_spec(model)
@@ -84,7 +84,7 @@ def write_feature_maps(image, outdir, *, model="mind", layers=None, voxel_size=N
     check_output_dir(outdir, force=force, names=names)  # before minutes of inference
     img = as_image(image, "image")
     mask_img = as_image(mask, "mask", mask=True)
-    m = _check_mask(mask_img, img, "image") if mask_img is not None else None
+    m = check_mask(mask_img, img, "image") if mask_img is not None else None
     if voxel_size is not None and not voxel_size > 0:
         raise ConfigError(f"voxel_size={voxel_size!r} is invalid: use a positive number of mm")
     data = np.asarray(img.data, dtype=np.float32)

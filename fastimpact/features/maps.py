@@ -343,7 +343,7 @@ class FeatureExtractor:
 # ------------------------------------------------------------------------------------------
 # tiling
 # ------------------------------------------------------------------------------------------
-def _bytes_per_voxel(spec, outputs) -> float:
+def bytes_per_voxel(spec, outputs) -> float:
     """Rough peak memory of one inference per input voxel (float32 activations; a factor 3 for the
     intermediates of a layer and its neighbours, calibrated on mind and deepbet)."""
     d = spec.dimension
@@ -394,7 +394,7 @@ def compute_feature_maps(image: Image, extractor: FeatureExtractor, outputs, nor
     if halo is None:
         rf = max(spec.layers[i].receptive_field or spec.receptive_field for i in outputs)
         halo = rf * (2 if spec.global_normalization else 1)
-    bpv = _bytes_per_voxel(spec, outputs)
+    bpv = bytes_per_voxel(spec, outputs)
     budget = float(memory_gb) * 1024**3
     nvox = float(np.prod(vol.shape))
     if tile_size <= 0 and nvox * bpv <= budget:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import warnings
 
 from ..errors import ConfigError
+from ..vocabulary import PRECISIONS
 
 __all__ = ["PRECISIONS", "check_precision", "cuda_provider_options", "to_float16"]
 
-PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 def check_precision(precision: str, backend: str) -> None:

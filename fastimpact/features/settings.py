@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..vocabulary import DISTANCE_NAMES, FEATURE_NORMS
 
-DISTANCE_NAMES = ("l1", "l2", "ncc", "cosine", "l1cosine", "dice", "dotproduct")
-FEATURE_NORMS = ("none", "l2", "standardized")
 
 
 @dataclass(frozen=True)

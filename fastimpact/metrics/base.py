@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import RegistrationError
+from .term import SampleBatch, Term, TermValue
 
 __all__ = ["IntensityMetric", "BaseIntensityMetric", "as_samples"]
 
@@ -67,11 +68,19 @@ def as_samples(f, m, *, keep_float32: bool = False) -> tuple[np.ndarray, np.ndar
     return f, m
 
 
-class BaseIntensityMetric:
-    """Common plumbing: a no-op :meth:`prepare`, :meth:`value` from
-    :meth:`value_and_derivative`, and a readable ``repr``."""
+class BaseIntensityMetric(Term):
+    """Common plumbing: the cost-term interface (:class:`~fastimpact.metrics.term.Term`: the
+    batch's sampled intensities in, ``dvalue_dm`` out), a no-op :meth:`prepare`, :meth:`value`
+    from :meth:`value_and_derivative`, and a readable ``repr``."""
 
     name: str = ""
+    needs_pairs = True
+
+    def evaluate(self, batch: SampleBatch) -> TermValue:
+        if batch.gradient:
+            value, dm = self.value_and_derivative(batch.f, batch.m)
+            return TermValue(value, dvalue_dm=dm)
+        return TermValue(self.value(batch.f, batch.m))
 
     def prepare(self, fixed, moving, fixed_mask=None, moving_mask=None) -> None:
         """Nothing to precompute for this metric."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from .term import SampleBatch, Support, Term, TermValue
+from ..vocabulary import LOSS_NORMALISED_DISTANCES
 
-__all__ = ["LayerPair", "StaticImpact", "build_static_impact", "prefilter_channels"]
+__all__ = ["LayerPair", "StaticImpact", "build_static_impact", "prefilter_channels", "receptive_radius_mm"]
 
 PCA_FIT_SAMPLES = 50_000
 
@@ -90,29 +92,37 @@ class LayerPair:
         return self.moving_coef.shape[3]
 
 
-class StaticImpact:
-    """The IMPACT static-mode term of one level: value and d value / d y at given points."""
+class StaticImpact(Term):
+    """The IMPACT static-mode term of one level: value and d value / d y at the batch's points.
+
+    Its support: the receptive field (``receptive_radius_mm``) of the compared features around x
+    in the fixed image and around T(x) in the moving image; samples are drawn where the transform
+    reaches the moving image's support."""
 
     name = "impact"
+    needs_points = True
 
-    def __init__(self, pairs, seed: int = 0, backend: str = "cpu"):
+    def __init__(self, pairs, seed: int = 0, backend: str = "cpu", receptive_radius_mm: float = 0.0):
         from ..kernels import get_kernel
 
+        self.support = Support(receptive_radius_mm=float(receptive_radius_mm), overlap_sampling=True)
         self.pairs = list(pairs)
         self.rng = np.random.default_rng(seed)
         self.k_channels = get_kernel("cubic_sample_channels", backend)
         self.k_values = get_kernel("cubic_sample_channels_values", backend)
         self.last_layer_values: list = []
 
-    def reset_normalisation(self):
+    def start_stage(self):
+        """Each stage's loss normalisation starts afresh."""
         for p in self.pairs:
             p.scale = None
 
-    def value_and_gradient(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray, gradient: bool = True):
-        """flat: (K,) fixed voxel indices of the level; x, y: (K, 3) world mm fixed points and their
-        moving points. Returns (value, gy (K, 3) or None)."""
+    def evaluate(self, batch: SampleBatch) -> TermValue:
+        """The batch's flat fixed voxels and world points x, y = T(x): value and d value / d y (K, 3)."""
         from ..backend import to_host
         from ..features.distances import layer_value_and_grad
+
+        flat, x, y, gradient = batch.flat, batch.x, batch.y, batch.gradient
 
         total = 0.0
         gy = np.zeros((len(y), 3)) if gradient else None
@@ -135,7 +145,7 @@ class StaticImpact:
                 gm = gm[:, sub] if gradient else None
             v, dm = layer_value_and_grad(f, m, use.distance, use.feature_norm, with_grad=gradient)
             if p.scale is None:
-                p.scale = 1.0 / v if use.distance in ("l1", "l2") and v > 1e-12 else 1.0
+                p.scale = 1.0 / v if use.distance in LOSS_NORMALISED_DISTANCES and v > 1e-12 else 1.0
             w = use.weight * p.scale
             values.append(v)
             total += w * v
@@ -143,7 +153,24 @@ class StaticImpact:
                 gq = np.einsum("kc,kcd->kd", dm, gm)  # d D / d (moving map index)
                 gy += w * (gq @ p.moving_inv[:3, :3])
         self.last_layer_values = values
-        return float(total), gy
+        return TermValue(float(total), dvalue_dy=gy)
+
+
+def receptive_radius_mm(settings, default_voxel_mm: float = 1.0) -> float:
+    """The largest receptive-field radius (mm) of the compared layers of a level's IMPACT settings
+    (``(rf - 1) / 2`` input voxels of the model's grid, ``voxel_size`` mm each; a model without a
+    voxel size runs on a grid of ``default_voxel_mm``)."""
+    from ..onnx_models import load_model_spec
+
+    radius = 0.0
+    for mu in settings.models:
+        for name in dict.fromkeys((mu.fixed_model, mu.moving_model)):
+            spec = load_model_spec(name)
+            for lu in mu.layers:
+                rf = spec.layers[lu.index].receptive_field or spec.receptive_field
+                voxel = mu.voxel_size if mu.voxel_size is not None else default_voxel_mm
+                radius = max(radius, 0.5 * (float(rf) - 1.0) * float(voxel))
+    return radius
 
 
 def _mask_on_grid(mask_img, affine, shape) -> np.ndarray | None:
@@ -199,4 +226,4 @@ def build_static_impact(settings, fixed_img, moving_img, fixed_norms, moving_nor
         timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t0
     if not pairs:
         raise ConfigError("IMPACT has no layer to compare at this level: set layers (e.g. --layers 1)")
-    return StaticImpact(pairs, seed=seed, backend=backend)
+    return StaticImpact(pairs, seed=seed, backend=backend, receptive_radius_mm=receptive_radius_mm(settings, float(np.min(fixed_img.spacing))))

@@ -28,6 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..interpolation import prefilter
+from .impact_jacobian import PATCH_EXACT_GRADIENT_FACTOR, compare_layer
+from .term import SampleBatch, Term, TermValue
 
 __all__ = ["DenseImpact", "build_dense_impact", "trilinear_gather", "trilinear_scatter"]
 
@@ -145,11 +148,12 @@ class _DenseModel:
         return np.ascontiguousarray(norm.channels(x[None], spec.input_channels), dtype=np.float32)
 
 
-class DenseImpact:
-    """The IMPACT dense-Jacobian term of one level (see the module docstring)."""
+class DenseImpact(Term):
+    """The IMPACT dense-Jacobian term of one level (see the module docstring): the whole warped
+    image through the networks, compared at the batch's points; no support beyond the points."""
 
     name = "impact"
-    jacobian = True
+    needs_points = True
 
     def __init__(self, terms, fixed_img, moving_coef, moving_inv, seed: int = 0, backend: str = "cpu"):
         from nibabel.orientations import io_orientation
@@ -182,10 +186,11 @@ class DenseImpact:
 
         return np.ascontiguousarray(apply_orientation(vol, self.ornt))
 
-    def max_offsets(self) -> np.ndarray:
-        return np.zeros((1, 3))  # no patch around the samples: no mask erosion, no corner checks
+    def exact_gradient_samples(self, n_iteration, default):
+        return min(default, PATCH_EXACT_GRADIENT_FACTOR * n_iteration)
 
-    def reset_normalisation(self):
+    def start_stage(self):
+        """Each stage's loss normalisation starts afresh."""
         for t in self.terms:
             t.scales = [None] * len(t.scales)
 
@@ -212,12 +217,11 @@ class DenseImpact:
         return (np.asarray(values, dtype=np.float32).reshape(self.shape),
                 (np.asarray(gq, dtype=np.float64) @ minv[:3, :3]).reshape(self.shape + (3,)))
 
-    def value_and_gradient(self, x: np.ndarray, affine: np.ndarray, bs_coef, w2grid, gradient: bool = True):
-        """x: (K, 3) world sample points (fixed voxel centres). Returns (value, points (M, 3) world,
-        d value / d moving point (M, 3)) with M the voxels the cotangents reach (None without
-        ``gradient``)."""
-        from .impact_jacobian import compare_layer
-
+    def evaluate(self, batch: SampleBatch) -> TermValue:
+        """The batch's world points x (fixed voxel centres): the value and d value / d moving point at
+        the voxels the cotangents reach (``points`` (M, 3) world)."""
+        x, gradient, view = batch.x, batch.gradient, batch.transform
+        affine, bs_coef, w2grid = view.affine, view.coef, view.world_to_grid
         vox = np.rint(x @ self.fixed_inv[:3, :3].T + self.fixed_inv[:3, 3]).astype(np.int64)
         pc = _canon_index(vox, self.ornt, self.shape).astype(np.float64)
         w_img, g_img = self.warp(affine, bs_coef, w2grid)
@@ -249,21 +253,20 @@ class DenseImpact:
             G += _pad_edge_adjoint(g_in, self.canon_shape)
         self.last_layer_values = values
         if not gradient:
-            return float(total), None, None
+            return TermValue(float(total))
         G = _from_canon(G, self.ornt)
         nz = np.flatnonzero(G)
         idx = np.stack(np.unravel_index(nz, self.shape), axis=1).astype(np.float64)
         fa = self.fixed.affine
         pts = idx @ fa[:3, :3].T + fa[:3, 3]
         gy = G.ravel()[nz, None] * g_img.reshape(-1, 3)[nz]
-        return float(total), pts, gy
+        return TermValue(float(total), points=pts, point_gradient=gy)
 
 
 def build_dense_impact(settings, fixed_img, moving_img, fixed_norms, moving_norms, *, moving_coef=None, threads=None,
                        seed=0, backend="cpu", providers=None, precision="fp32") -> DenseImpact:
     """The dense-Jacobian IMPACT term of one level (images: the level's pyramid images)."""
     from ..onnx_models import load_model_spec
-    from ..registration import prefilter
 
     providers = providers or ("CPUExecutionProvider",)
     terms = []

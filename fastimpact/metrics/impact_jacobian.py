@@ -23,6 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..interpolation import prefilter
+from .term import SampleBatch, Support, Term, TermValue
+from ..vocabulary import LOSS_NORMALISED_DISTANCES
 
 __all__ = ["JacobianImpact", "build_jacobian_impact", "compare_layer", "patch_offsets", "plane_offsets",
            "random_rotations"]
@@ -83,7 +86,7 @@ def compare_layer(lu, f: np.ndarray, m: np.ndarray, rng, scales: list, i: int, g
         f, m = f[:, cols], m[:, cols]
     v, dm = layer_value_and_grad(f, m, lu.distance, lu.feature_norm, with_grad=gradient)
     if scales[i] is None:
-        scales[i] = 1.0 / v if lu.distance in ("l1", "l2") and v > 1e-12 else 1.0
+        scales[i] = 1.0 / v if lu.distance in LOSS_NORMALISED_DISTANCES and v > 1e-12 else 1.0
     w = lu.weight * scales[i]
     if not gradient:
         return v, w * v, None
@@ -143,11 +146,18 @@ class _ModelTerm:
         return r * np.stack(np.meshgrid([-1.0, 1.0], [-1.0, 1.0], [-1.0, 1.0], indexing="ij"), -1).reshape(-1, 3)
 
 
-class JacobianImpact:
-    """The IMPACT Jacobian-mode term of one level."""
+#: IMPACT Jacobian and dense modes: ASGD's exact-gradient estimate uses this many times the samples
+#: of one iteration (every sample is a network evaluation: 100k of them would cost more than a
+#: whole level; the estimate only needs to be much less noisy than one iteration's gradient)
+PATCH_EXACT_GRADIENT_FACTOR = 5
+
+
+class JacobianImpact(Term):
+    """The IMPACT Jacobian-mode term of one level: patches around the batch's points through the
+    networks; its support is the patches' extent (``max_offsets``)."""
 
     name = "impact"
-    jacobian = True
+    needs_points = True
 
     def __init__(self, terms, fixed_coef, fixed_inv, moving_coef, moving_inv, chain="centre", seed=0,
                  backend="cpu", fixed_data=None):
@@ -178,6 +188,7 @@ class JacobianImpact:
         self.k_warped = get_kernel("sample_patches_warped", backend)
         self.k_gather = get_kernel("gather_patches", backend)
         self.last_layer_values: list = []
+        self.support = Support(patch_offsets=self.max_offsets())
 
     def _offsets(self, t, k: int) -> np.ndarray:
         """The patch offsets of this evaluation: (V, 3) shared (3-D), or (K, P^2, 3) planes with
@@ -207,16 +218,22 @@ class JacobianImpact:
         corners of the cube around any orientation of the plane."""
         return np.concatenate([t.reach() for t in self.terms])
 
-    def reset_normalisation(self):
+    def exact_gradient_samples(self, n_iteration, default):
+        return min(default, PATCH_EXACT_GRADIENT_FACTOR * n_iteration)
+
+    def start_stage(self):
+        """Each stage's loss normalisation starts afresh."""
         for t in self.terms:
             t.scales = [None] * len(t.scales)
 
-    def value_and_gradient(self, x: np.ndarray, affine: np.ndarray, bs_coef, w2grid, gradient: bool = True):
-        """x: (K, 3) world sample centres; the transform as affine (4x4, world -> world), B-spline
-        coefficients (or None) and world -> grid matrix. Returns (value, points (M, 3) world,
-        d value / d moving point at those points (M, 3)) with M = K (centre chain) or K V (exact);
-        points and gradient are None without ``gradient``."""
+    def evaluate(self, batch: SampleBatch) -> TermValue:
+        """Patches around the batch's world points x, warped by the batch's transform: the value and
+        d value / d moving point at x (centre chain) or at every patch voxel (exact chain:
+        ``points`` (K V, 3))."""
         from ..backend import to_host
+
+        x, gradient, view = batch.x, batch.gradient, batch.transform
+        affine, bs_coef, w2grid = view.affine, view.coef, view.world_to_grid
 
         total = 0.0
         values = []
@@ -249,10 +266,10 @@ class JacobianImpact:
                 g_all.append((dval[..., None] * mg).reshape(-1, 3))
         self.last_layer_values = values
         if not gradient:
-            return float(total), None, None
+            return TermValue(float(total))
         if self.chain == "centre":
-            return float(total), x, gy_centre
-        return float(total), np.concatenate(pts_all), np.concatenate(g_all)
+            return TermValue(float(total), dvalue_dy=gy_centre)
+        return TermValue(float(total), points=np.concatenate(pts_all), point_gradient=np.concatenate(g_all))
 
 
 def build_jacobian_impact(settings, fixed_img, moving_img, fixed_norms, moving_norms, *, moving_coef=None,
@@ -260,7 +277,6 @@ def build_jacobian_impact(settings, fixed_img, moving_img, fixed_norms, moving_n
                           precision="fp32") -> JacobianImpact:
     """The Jacobian-mode IMPACT term of one level (images: the level's pyramid images)."""
     from ..onnx_models import load_model_spec
-    from ..registration import prefilter
 
     providers = providers or ("CPUExecutionProvider",)
     terms = []

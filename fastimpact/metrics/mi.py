@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import ConfigError, ImageError
 from .base import BaseIntensityMetric, as_samples
+from .term import DeviceContribution
 
 __all__ = ["MattesMutualInformation", "FIXED_KERNEL_ORDERS", "MIN_BINS", "MAX_BINS"]
 
@@ -235,3 +236,13 @@ class MattesMutualInformation(BaseIntensityMetric):
         f, m = as_samples(f, m, keep_float32=True)
         return -self._mutual_information(f, m, False)[0]
 
+    def device_form(self):
+        """The CUDA kernels on the GPU samples: the value is -MI, so MI's derivative enters with weight -1."""
+
+        def form(samples) -> DeviceContribution:
+            from fastimpact.kernels import mi_cuda  # numba.cuda: imported on the cuda backend only
+
+            v, d = mi_cuda.mattes_mi(samples.f, samples.m, derivative=True, **self.kernel_arguments())
+            return DeviceContribution(-float(v), dmi=d, dmi_weight=-1.0)
+
+        return form

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BaseIntensityMetric, as_samples
+from .term import DeviceContribution
 
 __all__ = ["MeanSquares"]
 
@@ -33,3 +34,13 @@ class MeanSquares(BaseIntensityMetric):
         f, m = as_samples(f, m)
         diff = m - f
         return float(np.dot(diff, diff) / diff.size)
+
+    def device_form(self):
+        """From the GPU moments: ``ssd / K`` and ``d/dm_k = (2 / K) (m_k - f_k)``."""
+
+        def form(samples) -> DeviceContribution:
+            k = samples.n
+            ssd = samples.moments()[5]
+            return DeviceContribution(ssd / k, cm=2.0 / k, cf=-2.0 / k)
+
+        return form

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .base import BaseIntensityMetric, as_samples
+from .term import DeviceContribution
 
 __all__ = ["NormalizedCorrelation"]
 
@@ -13,9 +16,10 @@ __all__ = ["NormalizedCorrelation"]
 CONSTANT_RTOL = 1e-12
 
 
-def _is_constant(centred_ss: float, x: np.ndarray) -> bool:
-    scale = float(np.max(np.abs(x)))
-    return centred_ss <= x.size * (CONSTANT_RTOL * scale) ** 2
+def is_constant(centred_ss: float, n: int, scale: float) -> bool:
+    """Whether n samples with centred sum of squares ``centred_ss`` and largest magnitude
+    ``scale`` count as constant."""
+    return centred_ss <= n * (CONSTANT_RTOL * scale) ** 2
 
 
 class NormalizedCorrelation(BaseIntensityMetric):
@@ -48,7 +52,7 @@ class NormalizedCorrelation(BaseIntensityMetric):
         mc = m - m.mean()
         sff = float(np.dot(fc, fc))
         smm = float(np.dot(mc, mc))
-        if _is_constant(sff, f) or _is_constant(smm, m):
+        if is_constant(sff, f.size, float(np.max(np.abs(f)))) or is_constant(smm, m.size, float(np.max(np.abs(m)))):
             return 0.0, (np.zeros_like(m) if derivative else None)
         sfm = float(np.dot(fc, mc))
         denom = np.sqrt(sff * smm)
@@ -65,3 +69,19 @@ class NormalizedCorrelation(BaseIntensityMetric):
     def value(self, f, m) -> float:
         """``-NCC`` (0.0 for constant samples)."""
         return self._compute(f, m, False)[0]
+
+    def device_form(self):
+        """The same value and derivative from the GPU moments (sums, centred sums, maxima)."""
+
+        def form(samples) -> DeviceContribution:
+            k = samples.n
+            sum_f, sum_m, cff, cmm, cfm, _, max_f, max_m = samples.moments()
+            if is_constant(cff, k, max_f) or is_constant(cmm, k, max_m):
+                return DeviceContribution(0.0)  # value 0, derivative 0 (as on the host)
+            denom = math.sqrt(cff * cmm)
+            ncc = cfm / denom
+            # d(-NCC)/dm_i = -(f_i - mean f) / denom + (NCC / cmm) (m_i - mean m)
+            return DeviceContribution(-ncc, cm=ncc / cmm, cf=-1.0 / denom,
+                                      c0=(sum_f / k) / denom - (ncc / cmm) * (sum_m / k))
+
+        return form

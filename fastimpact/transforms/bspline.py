@@ -83,10 +83,6 @@ class BSplineGrid:
         return np.linalg.inv(self.world_to_grid())
 
 
-def grid_shape_for(image_shape, image_affine, spacing_mm) -> tuple:
-    return BSplineGrid.for_image(image_shape, image_affine, spacing_mm).shape
-
-
 def refine_coefficients(coef: np.ndarray, fine_shape) -> np.ndarray:
     """Exact refinement of coefficients from spacing h to h/2.
 

@@ -42,6 +42,14 @@ class AffineParameters:
     def jacobian_apply(self, points: np.ndarray, v: np.ndarray) -> np.ndarray:
         return self.affine.jacobian_apply(points, v, self.radius)
 
+    def gradient_from_index_sums(self, s1: np.ndarray, s0: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
+        """The gradient from the sums ``S1 = sum_n g_n i_n^T`` (3, 3) and ``S0 = sum_n g_n`` (3,) over
+        gradients ``g_n`` at fixed voxel indices ``i_n`` (world points ``x_n = F i_n + b``): the
+        same chain as :meth:`gradient_from_points`, from 12 sums (the GPU loop's reduction)."""
+        fa = fixed_affine
+        gm = (s1 @ fa[:3, :3].T + np.outer(s0, fa[:3, 3] - self.affine.center)) / self.radius
+        return np.r_[gm.ravel(), s0]
+
     def jacobian_at(self, points: np.ndarray) -> np.ndarray:
         """(P, 3, 12) dT/dtheta at world points."""
         d = (points - self.affine.center) / self.radius
