@@ -86,7 +86,8 @@ def test_fp16_on_the_cpu_is_refused_before_any_work():
     check_precision("fp16", "cuda")
     check_precision("tf32", "cpu")
     RegistrationConfig(metric="impact", precision="fp16", device="auto")  # decided once the device is known
-    RegistrationConfig(metric="mse", precision="fp16")  # no feature networks run
+    with pytest.raises(ConfigError, match="applies to the IMPACT metric"):
+        RegistrationConfig(metric="mse", precision="fp16")  # no feature network would run: refused, not ignored
 
 
 def test_float16_conversion_prints_no_truncation_warnings():
